@@ -1,0 +1,288 @@
+"""Find and start a real `tritonserver` on loopback ports.
+
+Why this exists: on a machine without a Triton container the server ships inside the
+`nvidia-pytriton` wheel (Triton 2.51: the binary, the python backend and one stub per
+Python version), and it only runs when three things line up:
+
+- the python backend folder holds `libtriton_python.so`, `triton_python_backend_utils.py`
+  and the stub built for *this* interpreter's version side by side;
+- the stub's embedded Python ignores PYTHONPATH and takes its environment from the first
+  `python3` on PATH, so this interpreter's `bin` folder (the venv) must come first;
+- the binary needs the wheel's `nvidia_pytriton.libs` and the stub needs
+  `libpython3.X.so.1.0`, so both folders go on LD_LIBRARY_PATH.
+
+Inside a Triton container `tritonserver` is on PATH with its own backends, and we use it
+as it is.
+
+    python scripts/launch.py [--model-repository DIR] [--http-port N] [--grpc-port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+# Where the wheel's backend folder is assembled; ignored by git.
+BACKEND_CACHE = REPO_ROOT / ".triton" / "backends"
+
+
+class LaunchError(RuntimeError):
+    """The server could not be found, prepared or started; the message says why."""
+
+
+@dataclass(frozen=True)
+class Installation:
+    """Where a runnable tritonserver lives and what its environment needs."""
+
+    binary: Path
+    backend_directory: Path | None  # None: the binary's built-in default
+    library_paths: tuple[Path, ...] = ()
+
+
+def _wheel_root() -> Path | None:
+    try:
+        import pytriton  # noqa: PLC0415 - optional dependency, only to find the wheel
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def _python_library_dir() -> Path | None:
+    """The folder holding this interpreter's libpython shared library, if it has one."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlibrary = sysconfig.get_config_var("INSTSONAME") or ""
+    if libdir and ldlibrary and (Path(libdir) / ldlibrary).exists():
+        return Path(libdir)
+    return None
+
+
+def _prepare_wheel_backends(wheel: Path, cache: Path) -> Path:
+    """Assemble `<cache>/python/` from the wheel's backend and this Python's stub."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise LaunchError(f"nvidia-pytriton has no python backend stub for Python {version}: {stub}")
+    source = wheel / "tritonserver" / "backends" / "python"
+    target = cache / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in (source / "libtriton_python.so", source / "triton_python_backend_utils.py", stub):
+        dest = target / item.name
+        if not dest.exists() or dest.stat().st_size != item.stat().st_size:
+            tmp = dest.with_suffix(".tmp%d" % os.getpid())
+            shutil.copy2(item, tmp)
+            os.replace(tmp, dest)  # atomic: parallel launchers never see half a file
+    return cache
+
+
+def find_installation(backend_cache: Path = BACKEND_CACHE) -> Installation:
+    """Prefer a tritonserver on PATH (a Triton container), else the nvidia-pytriton wheel."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Installation(binary=Path(on_path), backend_directory=None)
+    wheel = _wheel_root()
+    if wheel is None:
+        raise LaunchError(
+            "tritonserver is not on PATH and the nvidia-pytriton wheel is not installed; "
+            "run ./scripts/setup (or `pip install nvidia-pytriton`) first"
+        )
+    binary = wheel / "tritonserver" / "bin" / "tritonserver"
+    libs = wheel.parent / "nvidia_pytriton.libs"
+    pylib = _python_library_dir()
+    if pylib is None:
+        raise LaunchError(
+            "this Python has no shared libpython, which the python backend stub needs; "
+            "install it (Debian: apt-get install libpython3.11) or use a Python built with --enable-shared"
+        )
+    return Installation(
+        binary=binary,
+        backend_directory=_prepare_wheel_backends(wheel, backend_cache),
+        library_paths=(libs, pylib),
+    )
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now (the OS picks it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_environment(install: Installation, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment in which the stub runs this interpreter's Python and finds its libraries."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    libs = [str(p) for p in install.library_paths]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env.pop("PYTHONPATH", None)  # the stub ignores it anyway; keep the two sides alike
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver child process on loopback; a context manager that always stops it."""
+
+    model_repository: Path = DEFAULT_REPOSITORY
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    extra_args: Sequence[str] = ()
+    log_path: Path | None = None
+    startup_timeout_s: float = 120.0
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self, install: Installation) -> list[str]:
+        args = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",  # no GPU here: spares NVML/DCGM errors in the log
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+        ]
+        if install.backend_directory is not None:
+            args.append(f"--backend-directory={install.backend_directory}")
+        args.extend(self.extra_args)
+        return args
+
+    def start(self) -> "TritonServer":
+        install = find_installation()
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = log
+        self.process = subprocess.Popen(
+            self.command(install),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_environment(install),
+            start_new_session=True,  # stop() signals the whole group, stubs included
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise LaunchError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise LaunchError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        proc, self.process = self.process, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash
+        self._log.close()
+        return proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running_server(**kwargs: object) -> Iterator[TritonServer]:
+    with TritonServer(**kwargs) as server:  # type: ignore[arg-type]
+        yield server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
+    parser.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
+    args = parser.parse_args(argv)
+    server = TritonServer(
+        model_repository=args.model_repository.resolve(),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        extra_args=args.extra,
+    )
+    install = find_installation()
+    print(f"starting {install.binary} on http {server.http_url}, grpc {server.grpc_url}", flush=True)
+    # Foreground: the server's log goes to the terminal, Ctrl-C stops it.
+    os.execve(str(install.binary), server.command(install), server_environment(install))
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
