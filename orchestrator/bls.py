@@ -1,0 +1,97 @@
+"""`EngineClient` over Triton BLS, for use inside the python backend.
+
+Triton 2.51's `InferenceRequest.async_exec(decoupled=True)` returns a *blocking* iterator
+(no `__aiter__`, no `cancel()`). Pulling it on the event loop would stall every other
+request, so each child stream gets a reader thread that only calls `next()` and hands
+responses to the loop with `call_soon_threadsafe`; all `send`s stay on the loop thread
+(a thread that calls a response sender crashed the stub in trials). Where a newer Triton
+gives the iterator `__aiter__`, it is used directly.
+
+`pb_utils` is passed in, so this module imports without Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any, AsyncIterator, Mapping
+
+import numpy as np
+
+from orchestrator.engine_client import EngineReply
+from orchestrator.errors import ErrorCode, RequestError
+
+_END = object()
+
+
+def triton_error_code(pb_utils: Any, error: Any) -> ErrorCode:
+    """Map a pb_utils.TritonError's numeric code back to our ErrorCode by name."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    for name in ErrorCode.__members__:
+        if code is not None and getattr(pb_utils.TritonError, name, object()) == code:
+            return ErrorCode[name]
+    return ErrorCode.INTERNAL
+
+
+class BlsEngineClient:
+    def __init__(self, pb_utils: Any, requested_outputs: tuple[str, ...]) -> None:
+        self.pb = pb_utils
+        self.requested_outputs = list(requested_outputs)
+
+    def _reply(self, response: Any) -> EngineReply | None:
+        if response.has_error():
+            err = response.error()
+            code = triton_error_code(self.pb, err)
+            message = err.message().removeprefix(f"{code.value}: ")  # our engines prefix it
+            return EngineReply(error=RequestError(message, code))
+        outputs = response.output_tensors()
+        if not outputs:
+            return None  # a flags-only final response carries nothing to forward
+        return EngineReply(tensors={t.name(): t.as_numpy() for t in outputs})
+
+    async def stream(
+        self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
+    ) -> AsyncIterator[EngineReply]:
+        pb = self.pb
+        request = pb.InferenceRequest(
+            model_name=engine,
+            inputs=[pb.Tensor(name, value) for name, value in tensors.items()],
+            requested_output_names=self.requested_outputs,
+            request_id=request_id,
+            parameters=json.loads(json.dumps(dict(parameters))),
+        )
+        try:
+            responses = await request.async_exec(decoupled=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine model is not loaded
+            yield EngineReply(error=RequestError(f"engine '{engine}' could not take the request: {exc}", ErrorCode.UNAVAILABLE))
+            return
+        if hasattr(responses, "__aiter__"):
+            async for response in responses:
+                reply = self._reply(response)
+                if reply is not None:
+                    yield reply
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def read() -> None:
+            try:
+                for response in responses:
+                    loop.call_soon_threadsafe(queue.put_nowait, response)
+            except Exception as exc:  # noqa: BLE001 - reported on the loop as an engine error
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        threading.Thread(target=read, name=f"bls-{engine}-{request_id}", daemon=True).start()
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                yield EngineReply(error=RequestError(f"engine '{engine}' stream failed: {item}", ErrorCode.UNAVAILABLE))
+                continue
+            reply = self._reply(item)
+            if reply is not None:
+                yield reply

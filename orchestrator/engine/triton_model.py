@@ -1,0 +1,51 @@
+"""The stub engine as a Triton python-backend model (decoupled, async).
+
+Every `context_N` / `generation_N` model.py re-exports this class: one engine model is
+one `EngineCore`, like one TensorRT-LLM executor. Only used inside the python backend
+stub (it imports `triton_python_backend_utils` at initialize).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import triton_io as io
+from orchestrator.contract import EngineOutput, EngineRequest, parse_request
+from orchestrator.engine.config import EngineConfig
+from orchestrator.engine.core import EngineCore
+from orchestrator.errors import RequestError, as_request_error
+
+
+class _EngineSink:
+    __slots__ = ("pb", "sender", "request")
+
+    def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest) -> None:
+        self.pb, self.sender, self.request = pb_utils, sender, request
+
+    def send(self, output: EngineOutput, final: bool) -> None:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.sender.send(io.response(self.pb, output.tensors(self.request)), flags=flags)
+
+    def fail(self, error: RequestError) -> None:
+        self.sender.send(io.error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils  # noqa: PLC0415 - exists only in the stub
+
+        self.pb = pb_utils
+        self.config = EngineConfig.from_parameters(io.model_parameters(args))
+        self.core = EngineCore(args["model_name"], self.config)
+
+    async def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_request(
+                    io.request_tensors(request), io.request_parameters(request), request.request_id(), self.config.max_input_len
+                )
+                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed))
+            except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
+                sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None

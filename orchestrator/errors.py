@@ -1,0 +1,64 @@
+"""Typed request errors, one per Triton error code a client can act on.
+
+    RequestError(code, message)      every error that ends a request
+    ├── InvalidInput                 INVALID_ARG: the client must change the request
+    ├── EngineUnavailable            UNAVAILABLE: an engine failed or is gone; retrying may work
+    ├── RequestCancelled             CANCELLED: the client (or stop=true) ended it
+    └── InternalError                INTERNAL: a bug of ours; the message never carries a traceback
+
+Library code raises these; the thin `model.py` adapters turn one into a
+`pb_utils.TritonError(message, code)` on the request's single final response.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Names match `pb_utils.TritonError` attributes, so adapters map them with getattr."""
+
+    INVALID_ARG = "INVALID_ARG"
+    UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+    NOT_FOUND = "NOT_FOUND"
+    UNSUPPORTED = "UNSUPPORTED"
+
+
+class RequestError(Exception):
+    """An error that ends one request with a typed, client-readable message."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(RequestError, ValueError):
+    code = ErrorCode.INVALID_ARG
+
+
+class EngineUnavailable(RequestError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class RequestCancelled(RequestError):
+    code = ErrorCode.CANCELLED
+
+
+class InternalError(RequestError):
+    code = ErrorCode.INTERNAL
+
+
+def as_request_error(exc: BaseException) -> RequestError:
+    """Any exception -> a RequestError safe to show a client (no traceback, no repr dump)."""
+    if isinstance(exc, RequestError):
+        return exc
+    return InternalError(f"internal error ({type(exc).__name__}): {exc}")
