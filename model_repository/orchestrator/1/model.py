@@ -1,0 +1,46 @@
+"""The disaggregated orchestrator model (logic: orchestrator/pipeline.py).
+
+Decoupled and async: execute() only parses each request and starts its task, so one
+instance serves many requests at once; every request ends with exactly one final
+response or typed error, sent by the pipeline.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from orchestrator import triton_io as io  # noqa: E402
+from orchestrator.bls import BlsEngineClient  # noqa: E402
+from orchestrator.config import OrchestratorConfig  # noqa: E402
+from orchestrator.contract import PERF_OUTPUTS, parse_request  # noqa: E402
+from orchestrator.errors import as_request_error  # noqa: E402
+from orchestrator.pipeline import Orchestrator  # noqa: E402
+
+ENGINE_OUTPUTS = (
+    "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
+    "num_input_tokens", "num_output_tokens", *PERF_OUTPUTS,
+)  # fmt: skip
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = OrchestratorConfig.from_parameters(io.model_parameters(args))
+        self.orchestrator = Orchestrator(config, BlsEngineClient(pb_utils, ENGINE_OUTPUTS))
+
+    async def execute(self, requests):
+        for request in requests:
+            sink = io.SenderSink(pb_utils, request.get_response_sender())
+            try:
+                tensors = io.request_tensors(request)
+                parsed = parse_request(tensors, io.request_parameters(request), request.request_id())
+                self.orchestrator.start(parsed, tensors, sink)
+            except Exception as exc:  # noqa: BLE001 - typed error for this request only
+                sink.fail(as_request_error(exc))
+        return None
+
+    def finalize(self):
+        for task in list(self.orchestrator.in_flight.values()):
+            task.cancel()

@@ -1,0 +1,27 @@
+"""Postprocessing: detok windows -> text deltas (logic: orchestrator/postprocess.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from orchestrator import triton_io as io  # noqa: E402
+from orchestrator.errors import as_request_error  # noqa: E402
+from orchestrator.postprocess import postprocess  # noqa: E402
+from orchestrator.tokenizer import load_tokenizer  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.tokenizer = load_tokenizer(io.model_parameters(args).get("tokenizer_dir"))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(io.response(pb_utils, postprocess(self.tokenizer, io.request_tensors(request))))
+            except Exception as exc:  # noqa: BLE001 - typed error for this request only
+                responses.append(io.error_response(pb_utils, as_request_error(exc)))
+        return responses

@@ -1,0 +1,30 @@
+"""Preprocessing: ensemble text inputs -> token ids (logic: orchestrator/preprocess.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from orchestrator import triton_io as io  # noqa: E402
+from orchestrator.errors import as_request_error  # noqa: E402
+from orchestrator.preprocess import TextLimits, preprocess  # noqa: E402
+from orchestrator.tokenizer import load_tokenizer  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = io.model_parameters(args)
+        self.tokenizer = load_tokenizer(params.get("tokenizer_dir"))
+        self.limits = TextLimits.from_parameters(params)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                tensors = preprocess(self.tokenizer, io.request_tensors(request), self.limits)
+                responses.append(io.response(pb_utils, tensors))
+            except Exception as exc:  # noqa: BLE001 - typed error for this request only
+                responses.append(io.error_response(pb_utils, as_request_error(exc)))
+        return responses
