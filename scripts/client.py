@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         for delta in generate(args.url, args.prompt, args.max_tokens, stream=not args.no_stream):
             print(delta.text, end="", flush=True)
     except InferenceServerException as exc:
-        print(f"\nerror ({exc.status()}): {exc.message()}", file=sys.stderr)
+        # A gRPC stream carries no status code; the message starts with it (INVALID_ARG: ...).
+        print(f"\nerror: {exc.message()}", file=sys.stderr)
         return 1
     print()
     return 0

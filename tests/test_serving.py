@@ -275,3 +275,29 @@ def test_generation_engine_rejects_forged_or_missing_context_phase_params(server
         assert isinstance(out[-1], InferenceServerException), tensors.keys()
         assert out[-1].message().startswith("INVALID_ARG: ")
         assert "context_phase_params" in out[-1].message()
+
+
+# -- the client script and token-level callers --------------------------------------
+def test_client_script_streams_the_completion(server: TritonServer) -> None:
+    import subprocess
+    import sys
+
+    prompt = PROMPTS["emoji"]
+    run = subprocess.run(
+        [sys.executable, "scripts/client.py", prompt, "--max-tokens", "12", "--url", server.grpc_url],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert run.stdout == single_text(server, prompt, 12, exclude_input_in_output=True) + "\n"
+    bad = subprocess.run(
+        [sys.executable, "scripts/client.py", "", "--url", server.grpc_url], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 1 and "INVALID_ARG: 'text_input' is empty" in bad.stderr
+
+
+def test_orchestrator_serves_token_level_clients_directly(server: TritonServer) -> None:
+    ids = [259, 35, 102, 295, 35, 118, 295, 284, 260, 35, 112, 295]
+    results = engine_call(server, "orchestrator", ids, {}, streaming=np.array([[True]]))
+    tokens = [int(t) for r in results if r.as_numpy("output_ids") is not None for t in r.as_numpy("output_ids").reshape(-1)]
+    assert len(tokens) == 6  # request_output_len in engine_call
+    whole = engine_call(server, "orchestrator", ids, {}, exclude_input_in_output=np.array([[True]]))
+    assert [int(t) for t in whole[0].as_numpy("output_ids").reshape(-1)] == tokens
