@@ -296,7 +296,7 @@ class EngineOutput:
         ids = tensors.get("output_ids")
         if ids is None:
             raise ValueError("engine response has no output_ids")
-        row = ids.reshape(-1) if ids.ndim <= 1 else ids.reshape(-1, ids.shape[-1])[0]
+        row = ids.reshape(-1)[: ids.shape[-1]] if ids.ndim else ids.reshape(-1)  # first beam
         length = scalar(tensors, "sequence_length")
         if length is not None:
             row = row[: int(length)]

@@ -99,7 +99,10 @@ class EngineCore:
             handoff = Handoff.decode(request.context_phase_params)
             state = self.model.import_state(handoff.state)
         except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+            message = str(exc)
+            if "context_phase_params" not in message:
+                message = f"context_phase_params holds an unusable model state: {message}"
+            raise InvalidInput(message) from None
         if tuple(state.tokens) != request.input_ids:
             raise InvalidInput("context_phase_params belong to a different prompt than this request's input_ids")
         return handoff
@@ -118,8 +121,8 @@ class EngineCore:
             if not self._waiting and not self._running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            decoding = list(self._running)  # before admission: a new sequence's first step is its prefill
             admitted = self._admit()
-            decoding = list(self._running)
             prefill_tokens = sum(s.prompt_tokens for s in admitted if s.handoff is None)
             self.steps += 1
             await asyncio.sleep(self.config.step_seconds(prefill_tokens, len(decoding)))
@@ -138,8 +141,9 @@ class EngineCore:
         while self._waiting and len(self._running) + len(admitted) < self.config.max_batch_size:
             seq = self._waiting[0]
             cost = 1 if seq.handoff is not None else seq.prompt_tokens
-            if admitted and cost > budget:
-                break  # a prompt larger than the whole budget still runs, alone
+            never_fits = cost > self.config.max_num_tokens
+            if cost > budget and (admitted or not never_fits):
+                break  # wait for room; a prompt that can never fit runs as its step's only prefill
             self._waiting.popleft()
             budget -= cost
             seq.first_scheduled_ns = now
@@ -153,7 +157,10 @@ class EngineCore:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             self._finish(seq)
-            seq.sink.fail(as_request_error(exc))
+            try:
+                seq.sink.fail(as_request_error(exc))
+            except Exception:  # noqa: BLE001 - its client is gone; the loop must go on for the others
+                pass
 
     # -- per-sequence work ----------------------------------------------------------
     def _start(self, seq: _Sequence, now: int) -> None:

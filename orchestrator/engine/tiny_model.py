@@ -68,6 +68,8 @@ class InductionModel:
         return struct.pack(f"<II{len(state.tokens)}i", state.key, len(state.tokens), *state.tokens)
 
     def import_state(self, data: bytes) -> SequenceState:
+        if len(data) < 8:
+            raise ValueError(f"state blob of {len(data)} bytes is shorter than its 8-byte header")
         key, n = struct.unpack_from("<II", data)
         if len(data) != 8 + 4 * n or n == 0:
             raise ValueError(f"state blob of {len(data)} bytes does not hold {n} tokens")
