@@ -190,26 +190,19 @@ class Orchestrator:
             pass
 
     def _tensors(self, p: _Progress, body: tuple[int, ...], window: np.ndarray) -> dict[str, np.ndarray]:
-        req = p.request
-        out: dict[str, np.ndarray] = {
-            "output_ids": np.array(body, dtype=np.int32).reshape(1, 1, len(body)),
-            "sequence_length": np.array([[len(body)]], dtype=np.int32),
-            "detok_window": window.reshape(1, -1),
-        }
-        if req.return_perf_metrics:
+        """The contract's outputs for `body` (EngineOutput builds them) plus the detok window."""
+        perf = None
+        if p.request.return_perf_metrics:
             now = time.time_ns()
-            out.update(PerfMetrics(
+            perf = PerfMetrics(
                 arrival_time_ns=p.arrival_ns,
                 first_scheduled_time_ns=p.first_scheduled_ns or p.arrival_ns,
                 first_token_time_ns=p.first_token_ns or now,
                 last_token_time_ns=now,
-            ).tensors())  # fmt: skip
-        if req.return_log_probs:
-            out["cum_log_probs"] = np.zeros((1, 1), dtype=np.float32)
-            out["output_log_probs"] = np.zeros((1, 1, len(body)), dtype=np.float32)
-        if req.return_num_input_tokens:
-            out["num_input_tokens"] = np.array([[len(req.input_ids)]], dtype=np.int32)
-        if req.return_num_output_tokens:
-            out["num_output_tokens"] = np.array([[len(p.generated)]], dtype=np.int32)
+            )
+        output = EngineOutput(
+            tokens=body, perf=perf, num_input_tokens=len(p.request.input_ids), num_output_tokens=len(p.generated)
+        )
+        out = output.tensors(p.request)
+        out["detok_window"] = window.reshape(1, -1)
         return out
-
