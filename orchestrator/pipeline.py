@@ -115,7 +115,8 @@ class Orchestrator:
         engine = self.context_policy.select(self.config.context_engines, key)
         context = await self._context_phase(engine, tensors, f"{key}:ctx")
         if context.perf is not None:
-            p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns) if context.perf.arrival_time_ns else p.arrival_ns
+            if context.perf.arrival_time_ns:  # the earlier of the two clocks' views of arrival
+                p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns)
             p.first_scheduled_ns = context.perf.first_scheduled_time_ns
         p.first_token_ns = time.time_ns()
         if not context.tokens:

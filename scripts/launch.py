@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -254,12 +254,6 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running_server(**kwargs: object) -> Iterator[TritonServer]:
-    with TritonServer(**kwargs) as server:  # type: ignore[arg-type]
-        yield server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
