@@ -59,7 +59,11 @@ class InProcessEngineClient:
             def fail(self, error: RequestError) -> None:
                 queue.put_nowait((EngineReply(error=error), True))
 
+            def cancelled(self) -> bool:
+                return False
+
         try:
+            await core.start()
             request = parse_request(tensors, parameters, request_id)
             core.submit(request, _Sink(request))
         except RequestError as exc:

@@ -58,9 +58,20 @@ class _Progress:
     arrival_ns: int = 0
     first_scheduled_ns: int = 0
     first_token_ns: int = 0
+    kv_context: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks on the context engine
+    kv_generation: tuple[int, int, int] = (0, 0, 0)  # the same on the generation engine (latest report)
+
+    def kv_blocks(self) -> tuple[int, int, int]:
+        """KV blocks the request held on both engines: new, reused (prefix hits), total."""
+        c, g = self.kv_context, self.kv_generation
+        return c[0] + g[0], c[1] + g[1], c[2] + g[2]
 
     def finished(self) -> bool:
         return self.request.stop.finished(self.generated) is not None
+
+
+def _kv_counts(perf: PerfMetrics) -> tuple[int, int, int]:
+    return perf.kv_cache_alloc_new_blocks, perf.kv_cache_reused_blocks, perf.kv_cache_alloc_total_blocks
 
 
 def _child_inputs(tensors: Tensors, streaming: bool) -> dict[str, np.ndarray]:
@@ -118,6 +129,7 @@ class Orchestrator:
             if context.perf.arrival_time_ns:  # the earlier of the two clocks' views of arrival
                 p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns)
             p.first_scheduled_ns = context.perf.first_scheduled_time_ns
+            p.kv_context = _kv_counts(context.perf)
         p.first_token_ns = time.time_ns()
         if not context.tokens:
             return  # the first token was the end token: nothing to generate
@@ -137,7 +149,10 @@ class Orchestrator:
                 continue  # drain: the engine's stream ends by itself after its final reply
             if reply.error is not None:
                 raise _engine_failure(engine, "generation", reply.error)
-            tokens = EngineOutput.from_tensors(reply.tensors or {}).tokens
+            output = EngineOutput.from_tensors(reply.tensors or {})
+            if output.perf is not None:
+                p.kv_generation = _kv_counts(output.perf)
+            tokens = output.tokens
             if repeat_pending and tokens:
                 repeat_pending = False
                 if tokens[0] == first:
@@ -195,11 +210,15 @@ class Orchestrator:
         perf = None
         if p.request.return_perf_metrics:
             now = time.time_ns()
+            new, reused, total = p.kv_blocks()
             perf = PerfMetrics(
                 arrival_time_ns=p.arrival_ns,
                 first_scheduled_time_ns=p.first_scheduled_ns or p.arrival_ns,
                 first_token_time_ns=p.first_token_ns or now,
                 last_token_time_ns=now,
+                kv_cache_alloc_new_blocks=new,
+                kv_cache_reused_blocks=reused,
+                kv_cache_alloc_total_blocks=total,
             )
         output = EngineOutput(
             tokens=body, perf=perf, num_input_tokens=len(p.request.input_ids), num_output_tokens=len(p.generated)

@@ -400,7 +400,7 @@ def test_engine_config_step_seconds() -> None:
     assert config.step_seconds(0, 0) == pytest.approx(0.001)
     assert config.step_seconds(4, 0) == pytest.approx(0.003)
     assert config.step_seconds(4, 3) == pytest.approx(0.008)
-    assert EngineConfig().step_seconds(1000, 64) == 0.0
+    assert EngineConfig.free().step_seconds(1000, 64) == 0.0
 
 
 def test_text_limits_parse_and_errors_name_the_key() -> None:

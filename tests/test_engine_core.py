@@ -1,179 +1,43 @@
 """EngineCore driven directly on an asyncio loop: phases, handoff, batching, stopping.
 
-Every engine here uses the default cost model (all costs 0), so a step is one loop turn;
-ordering is asserted through `core.steps` (recorded at each output) and through a shared
-log of outputs, never through time.
+The harness (`tests/engine_harness.py`) runs zero-cost engines, asserts order through step
+counts rather than time, and checks after every scenario that no block or lease is left.
+KV-cache, transfer and cost-model behaviour is in `test_engine_kv.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import struct
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
-from orchestrator.engine.config import EngineConfig
+from orchestrator.contract import RequestType, SamplingParams
 from orchestrator.engine.core import EngineCore
 from orchestrator.engine.handoff import MAGIC, Handoff
-from orchestrator.errors import InvalidInput, RequestError
-from orchestrator.stopping import StopCondition
-from orchestrator.tokenizer import WORDS, BuiltinTokenizer
-
-TOK = BuiltinTokenizer()
-T = TypeVar("T")
-
-GREEDY = SamplingParams()
-SAMPLING_SETS: tuple[SamplingParams, ...] = (
+from orchestrator.engine.kv_layout import Geometry, Layout
+from orchestrator.errors import InvalidInput
+from tests.engine_harness import (
     GREEDY,
-    SamplingParams(temperature=0.0, top_k=50, seed=3),  # temperature 0: greedy despite top_k
-    SamplingParams(temperature=0.8, top_k=5, seed=1),
-    SamplingParams(temperature=1.0, top_p=0.9, seed=42),
-    SamplingParams(temperature=0.7, top_k=40, top_p=0.95, seed=2**40 + 7),
+    OTHER_PROMPT,
+    PROMPT,
+    SAMPLING_SETS,
+    TOK,
+    Call,
+    RecordingSink,
+    complete,
+    context_blob,
+    generate,
+    new_core,
+    request,
+    run,
+    submit,
 )
-
-
-def _prompts(count: int) -> list[tuple[int, ...]]:
-    """`count` varied prompts (words, repeats, multi-byte text) as builtin-tokenizer ids."""
-    rng = random.Random(1234)
-    extras = ["héllo wörld", "你好世界", "🎉👍🏽", "naïve café", "x", "the the the"]
-    out: list[tuple[int, ...]] = []
-    for i in range(count):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 30))]
-        if i % 3 == 0:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(extras))
-        out.append(tuple(TOK.encode(" ".join(words))))
-    return out
-
-
-PROMPT = tuple(TOK.encode("the cat sat on the mat and the dog sat on the log"))
-OTHER_PROMPT = tuple(TOK.encode("a quick brown fox jumps over the lazy dog"))
-
-
-@dataclass
-class Call:
-    """One call a sink received: an output (send) or an error (fail), at engine step `step`."""
-
-    request_id: str
-    step: int
-    final: bool
-    output: EngineOutput | None = None
-    error: RequestError | None = None
-
-
-@dataclass
-class RecordingSink:
-    """Records every send/fail with the engine's step count; `done` is set on the terminal call."""
-
-    core: EngineCore
-    request_id: str = ""
-    log: list[Call] | None = None  # an optional log shared by several sinks, in call order
-    calls: list[Call] = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    first: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def _record(self, call: Call) -> None:
-        self.calls.append(call)
-        if self.log is not None:
-            self.log.append(call)
-        self.first.set()
-        if call.final:
-            self.done.set()
-
-    def send(self, output: EngineOutput, final: bool) -> None:
-        self._record(Call(self.request_id, self.core.steps, final, output=output))
-
-    def fail(self, error: RequestError) -> None:
-        self._record(Call(self.request_id, self.core.steps, True, error=error))
-
-    @property
-    def outputs(self) -> list[EngineOutput]:
-        return [c.output for c in self.calls if c.output is not None]
-
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        """All tokens sent, concatenated (the whole body for a non-streaming request)."""
-        return tuple(t for o in self.outputs for t in o.tokens)
-
-    def assert_well_formed(self) -> None:
-        """Exactly one terminal call, it is the last, and it is not an error."""
-        assert self.calls, "no output at all"
-        assert [c.final for c in self.calls].count(True) == 1
-        assert self.calls[-1].final
-        assert self.calls[-1].error is None, self.calls[-1].error
-
-
-def request(
-    ids: Sequence[int],
-    *,
-    rid: str = "r",
-    max_tokens: int = 16,
-    request_type: RequestType = RequestType.AGGREGATE,
-    streaming: bool = False,
-    exclude_input: bool = True,
-    end_id: int | None = None,
-    stop_words: tuple[tuple[int, ...], ...] = (),
-    sampling: SamplingParams = GREEDY,
-    blob: bytes | None = None,
-) -> EngineRequest:
-    return EngineRequest(
-        request_id=rid,
-        input_ids=tuple(ids),
-        stop=StopCondition(max_new_tokens=max_tokens, end_id=end_id, stop_words=stop_words),
-        sampling=sampling,
-        request_type=request_type,
-        streaming=streaming,
-        exclude_input_in_output=exclude_input,
-        context_phase_params=blob,
-    )
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await coro_fn()
-
-    return asyncio.run(main())
-
-
-def new_core(name: str = "engine", **config: int) -> EngineCore:
-    return EngineCore(name, EngineConfig(**config))  # all cost-model values stay 0
-
-
-async def submit(core: EngineCore, req: EngineRequest, log: list[Call] | None = None) -> RecordingSink:
-    sink = RecordingSink(core, req.request_id, log)
-    core.submit(req, sink)
-    return sink
-
-
-async def complete(core: EngineCore, req: EngineRequest) -> RecordingSink:
-    sink = await submit(core, req)
-    await sink.done.wait()
-    sink.assert_well_formed()
-    return sink
-
-
-async def context_blob(core: EngineCore, req: EngineRequest) -> tuple[int, bytes]:
-    """Run `req` as a context_only request; return its first token and handoff blob."""
-    sink = await complete(core, replace(req, request_type=RequestType.CONTEXT_ONLY, context_phase_params=None))
-    (out,) = sink.outputs
-    assert len(out.tokens) == 1 and out.context_phase_params is not None
-    return out.tokens[0], out.context_phase_params
-
-
-async def generate(core: EngineCore, req: EngineRequest) -> tuple[int, ...]:
-    """Tokens of `req` run as a non-streaming aggregated request (prompt excluded)."""
-    return (
-        await complete(
-            core, replace(req, request_type=RequestType.AGGREGATE, streaming=False, exclude_input_in_output=True)
-        )
-    ).tokens
+from tests.engine_harness import prompts as _prompts
 
 
 # -- phases ---------------------------------------------------------------------------
@@ -221,13 +85,16 @@ def test_streaming_concatenates_to_non_streaming(request_type: RequestType) -> N
 
     async def body() -> None:
         ctx, core = new_core("ctx"), new_core("gen")
+        async def blob(ids: tuple[int, ...]) -> bytes | None:
+            """A fresh handoff per request: a lease is pulled once."""
+            if request_type is not RequestType.GENERATION_ONLY:
+                return None
+            return (await context_blob(ctx, request(ids, max_tokens=12)))[1]
+
         for ids in _prompts(10):
-            blob = None
-            if request_type is RequestType.GENERATION_ONLY:
-                _, blob = await context_blob(ctx, request(ids, max_tokens=12))
-            req = request(ids, request_type=request_type, blob=blob, max_tokens=12)
-            whole = await complete(core, replace(req, streaming=False))
-            streamed = await complete(core, replace(req, streaming=True))
+            req = request(ids, request_type=request_type, max_tokens=12)
+            whole = await complete(core, replace(req, streaming=False, context_phase_params=await blob(ids)))
+            streamed = await complete(core, replace(req, streaming=True, context_phase_params=await blob(ids)))
             assert len(whole.outputs) == 1
             assert streamed.tokens == whole.tokens
             assert len(whole.tokens) == 12
@@ -351,19 +218,24 @@ def test_generation_only_without_handoff_is_rejected() -> None:
     run(body)
 
 
-@pytest.mark.parametrize(
-    "state",
-    [b"", b"abc", struct.pack("<II", 0, 0), struct.pack("<II", 0, 5) + b"\0" * 4, struct.pack("<II", 0, 1) + b"\0" * 8],
-    ids=["empty", "3-bytes", "zero-tokens", "short-tokens", "extra-bytes"],
-)
-def test_well_formed_handoff_with_corrupt_state_is_rejected(state: bytes) -> None:
-    """A checksum-valid handoff whose model state is unusable is refused with InvalidInput naming context_phase_params."""
+def test_handoff_from_an_engine_with_other_block_size_is_rejected() -> None:
+    """Context and generation engines must agree on tokens_per_block; the error names the knob."""
 
     async def body() -> None:
-        gen = new_core("gen")
-        _rejected(gen, PROMPT, Handoff("r", "ctx", PROMPT[0], state).encode())
+        ctx, gen = new_core("ctx", tokens_per_block=8), new_core("gen", tokens_per_block=16)
+        _, blob = await context_blob(ctx, request(PROMPT))
+        error = _rejected(gen, PROMPT, blob)
+        assert "tokens_per_block" in str(error)
 
     run(body)
+
+
+def _handoff(**changes: object) -> Handoff:
+    base = Handoff(
+        request_id="r", source_engine="ctx", first_token=7, num_tokens=3, prompt_digest=2**63 + 5, lease_id=99,
+        geometry=Geometry(), layout=Layout(2, 1), host="127.0.0.1", port=4242, host_id="h/boot", shm_name="dkv_x",
+    )  # fmt: skip
+    return replace(base, **changes)  # type: ignore[arg-type]
 
 
 @settings(max_examples=200, deadline=None)
@@ -371,11 +243,22 @@ def test_well_formed_handoff_with_corrupt_state_is_rejected(state: bytes) -> Non
     rid=st.text(max_size=40),
     src=st.text(max_size=40),
     first=st.integers(-(2**31), 2**31 - 1),
-    state=st.binary(max_size=300),
+    num=st.integers(0, 2**32 - 1),
+    digest=st.integers(0, 2**64 - 1),
+    lease=st.integers(0, 2**64 - 1),
+    tp=st.sampled_from([1, 2, 4]),
+    pp=st.sampled_from([1, 2, 4]),
+    port=st.integers(0, 65535),
+    host=st.text(max_size=60),
 )
-def test_handoff_round_trip(rid: str, src: str, first: int, state: bytes) -> None:
-    """decode(encode(h)) == h for any ids, names, token and state bytes."""
-    h = Handoff(rid, src, first, state)
+def test_handoff_round_trip(
+    rid: str, src: str, first: int, num: int, digest: int, lease: int, tp: int, pp: int, port: int, host: str
+) -> None:
+    """decode(encode(h)) == h for any ids, names, numbers, layouts and addresses."""
+    h = _handoff(
+        request_id=rid, source_engine=src, first_token=first, num_tokens=num, prompt_digest=digest, lease_id=lease,
+        layout=Layout(tp, pp), port=port, host=host,
+    )  # fmt: skip
     assert Handoff.decode(h.encode()) == h
 
 
@@ -384,23 +267,27 @@ def _sealed(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+_GOOD = _handoff().encode()
+_FIXED_END = len(MAGIC) + struct.calcsize("<iIQQHHHIHHH")
+
+
 @pytest.mark.parametrize(
     ("blob", "message"),
     [
         (b"", "bad magic"),
         (b"DKV", "bad magic"),
-        (b"XKV1" + b"\0" * 20, "bad magic"),
+        (b"DKV1" + _GOOD[4:], "bad magic"),  # the previous version's magic
         (MAGIC + b"\0\0\0", "bad magic"),  # shorter than magic + crc
-        (_flip(Handoff("r", "c", 1, b"abcdefgh").encode(), 9), "checksum"),
-        (Handoff("r", "c", 1, b"abcdefgh").encode()[:-1], "checksum"),
+        (_flip(_GOOD, 9), "checksum"),
+        (_GOOD[:-1], "checksum"),
         (_sealed(MAGIC), "malformed"),
-        (_sealed(MAGIC + struct.pack("<H", 50) + b"r"), "malformed"),
-        (_sealed(MAGIC + struct.pack("<H", 2) + b"\xff\xfe" + struct.pack("<H", 0) + struct.pack("<iI", 1, 0)), "malformed"),
-        (_sealed(MAGIC + struct.pack("<H", 0) + struct.pack("<H", 0) + struct.pack("<iI", 1, 10) + b"abc"), "malformed"),
-        (_sealed(MAGIC + struct.pack("<H", 0) + struct.pack("<H", 0) + struct.pack("<iI", 1, 1) + b"ab"), "malformed"),
+        (_sealed(_GOOD[:_FIXED_END] + struct.pack("<H", 50) + b"r"), "malformed"),
+        (_sealed(_GOOD[:_FIXED_END] + struct.pack("<H", 2) + b"\xff\xfe" + b"\0" * 8), "malformed"),
+        (_sealed(_GOOD[:-4] + b"x"), "malformed"),
+        (_sealed(_GOOD[: len(MAGIC) + 30] + struct.pack("<I", 0) + _GOOD[len(MAGIC) + 34 : -4]), "malformed"),
     ],
-    ids=["empty", "short", "wrong-magic", "no-room-for-crc", "flipped", "truncated", "no-header", "id-overruns",
-         "bad-utf8", "state-short", "trailing-bytes"],
+    ids=["empty", "short", "old-magic", "no-room-for-crc", "flipped", "truncated", "no-header", "id-overruns",
+         "bad-utf8", "trailing-bytes", "zero-block-size"],
 )  # fmt: skip
 def test_handoff_decode_failures_say_which_check_failed(blob: bytes, message: str) -> None:
     """Each decode failure is a ValueError naming context_phase_params and the failed check."""

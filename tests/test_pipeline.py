@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -160,6 +160,11 @@ class BrokenClient:
             raise self.exc
 
 
+# Zero-cost engines; a short lease timeout so an orphaned prefill (its generation phase
+# failed before pulling) expires within the scenario's no-leak check.
+FREE = EngineConfig.free(kv_lease_timeout_s=0.5)
+
+
 @dataclass
 class Cluster:
     cores: dict[str, EngineCore]
@@ -194,7 +199,7 @@ def cluster(
 ) -> Cluster:
     """Engines named in `loaded` exist; the orchestrator is configured with `context`/`generation` pools."""
     configs = configs or {}
-    cores = {name: EngineCore(name, configs.get(name, EngineConfig())) for name in loaded}
+    cores = {name: EngineCore(name, configs.get(name, FREE)) for name in loaded}
     client = RecordingClient(wrap(InProcessEngineClient(cores)))
     orch = Orchestrator(OrchestratorConfig(tuple(context), tuple(generation)), client)
     return Cluster(cores, client, orch)
@@ -205,8 +210,15 @@ def run(body: Callable[[Cluster], Awaitable[T]], **cluster_kw: Any) -> T:
 
     async def main() -> T:
         c = cluster(**cluster_kw)
-        result = await body(c)
-        assert c.orch.in_flight == {}, f"leaked tasks: {sorted(c.orch.in_flight)}"
+        try:
+            result = await body(c)
+            assert c.orch.in_flight == {}, f"leaked tasks: {sorted(c.orch.in_flight)}"
+            for core in c.cores.values():  # every block back in its pool, every lease ended
+                await asyncio.wait_for(core.wait_idle(), core.config.kv_lease_timeout_s + 5)
+                core.check_idle()
+        finally:
+            for core in c.cores.values():
+                await core.close()
         return result
 
     return asyncio.run(main())
@@ -237,7 +249,7 @@ def client_tensors(
 
 async def oracle(tensors: Tensors) -> tuple[int, ...]:
     """Generated tokens of the same request on one aggregated engine (prompt excluded)."""
-    core = EngineCore("oracle", EngineConfig())
+    core = EngineCore("oracle", EngineConfig.free())
     request = parse_request(
         {**tensors, "streaming": np.array([[False]]), "exclude_input_in_output": np.array([[True]])}, {}, "oracle"
     )
@@ -255,8 +267,14 @@ async def oracle(tensors: Tensors) -> tuple[int, ...]:
             errors.append(error)
             done.set()
 
-    core.submit(request, Sink())
-    await done.wait()
+        def cancelled(self) -> bool:
+            return False
+
+    try:
+        core.submit(request, Sink())
+        await done.wait()
+    finally:
+        await core.close()
     assert not errors and len(outputs) == 1
     return outputs[0].tokens
 
@@ -451,7 +469,7 @@ def test_prompt_too_long_for_context_engine_stays_invalid_arg(streaming: bool) -
         assert len(sink.calls) == 1
         assert c.steps(CONTEXT + GENERATION) == 0
 
-    run(body, configs={name: EngineConfig(max_input_len=4) for name in CONTEXT})
+    run(body, configs={name: replace(FREE, max_input_len=4) for name in CONTEXT})
 
 
 def test_generation_engine_invalid_arg_after_first_token() -> None:
@@ -465,7 +483,7 @@ def test_generation_engine_invalid_arg_after_first_token() -> None:
         assert error.code is ErrorCode.INVALID_ARG
         assert [r.ids for r in sink.responses] == [generated[:1]]
 
-    run(body, configs={name: EngineConfig(max_input_len=4) for name in GENERATION})
+    run(body, configs={name: replace(FREE, max_input_len=4) for name in GENERATION})
 
 
 @pytest.mark.parametrize("streaming", [False, True])

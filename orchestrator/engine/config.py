@@ -1,15 +1,43 @@
 """Stub engine configuration, parsed once from the engine model's config.pbtxt parameters.
 
-Knobs (all optional; `parameters { key: "..." value: { string_value: "..." } }`):
+Every knob is optional (`parameters { key: "..." value: { string_value: "..." } }`); keys
+this stub does not know are ignored, so a real TensorRT-LLM config's keys may share the
+block. Names shared with the `tensorrt_llm` backend mean the same thing there.
 
+Scheduling:
 - `max_batch_size` (64): sequences in one step, decode and prefill together.
 - `max_num_tokens` (8192): tokens processed in one step (one per decoding sequence plus
-  each admitted prompt); a prompt longer than this runs alone in its step.
+  each admitted prompt's uncached tokens); a longer prompt runs as its step's only prefill.
 - `max_input_len` (4096): longest accepted prompt, in tokens.
-- Cost model, the stand-in for GPU time (a step sleeps for its cost):
-  `step_overhead_ms` (0.0) per step, `prefill_us_per_token` (0.0) per prompt token,
-  `decode_ms_per_step` (0.0) once per step that decodes, `decode_us_per_seq` (0.0) per
-  decoding sequence. The committed repository sets small values so streams are visible.
+
+KV cache (`kv_cache.py`, `block_pool.py`):
+- `tokens_per_block` (32), `max_tokens_in_paged_kv_cache` (65536): the pool has
+  ceil(max_tokens / tokens_per_block) blocks of `tokens_per_block` token slots.
+- `enable_kv_cache_reuse` (true): prefix caching by chained block hashes.
+- `kv_lease_timeout_s` (30): how long a context engine keeps an unpulled prefill.
+- `kv_transport` (auto | tcp | shm) and `kv_transfer_host` (127.0.0.1): how this engine
+  pulls KV, and the address its own transfer server listens on and advertises.
+- `tensor_parallel_size`, `pipeline_parallel_size` (1, 1): the simulated layout of the
+  KV blocks (must divide the model's 4 heads / 4 layers).
+
+Cost model: a step lasts
+
+    step_overhead_ms + prefill_us_per_token * prefill tokens
+    + (if any sequence decodes) decode_ms_per_step + decode_us_per_seq * decoding sequences
+      + decode_ns_per_kv_token * KV tokens those sequences attend to
+
+and a KV pull lasts at least `transfer_us_per_token` per pulled token. Real CPU time
+counts toward these durations (the engine sleeps only for the rest). The defaults model
+Llama-3.1-8B in BF16 on one H100 SXM (989 dense BF16 TFLOP/s, 3.35 TB/s HBM3), from
+arithmetic on those public figures rather than from a benchmark:
+
+- prefill: 2 FLOP x 8.0e9 parameters = 16 GFLOP per token, at 50% of peak -> 32 us/token;
+- decode: reading 16 GB of weights once per step at 80% of HBM bandwidth -> 6 ms/step;
+  each decoding sequence adds one token of compute -> 32 us; each cached token it attends
+  to is 128 KiB of K/V (32 layers x 8 KV heads x 128 dims x 2 x 2 bytes) read at the same
+  bandwidth -> 49 ns;
+- overhead: 0.5 ms per step for scheduling and kernel launches (an assumption);
+- transfer: 128 KiB per token over one 200 Gb/s (25 GB/s) RDMA NIC -> 5.2 us/token.
 """
 
 from __future__ import annotations
@@ -17,42 +45,102 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+from orchestrator.engine.kv_layout import Geometry, Layout
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+TRANSPORT_NAMES = ("auto", "tcp", "shm")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_batch_size: int = 64
     max_num_tokens: int = 8192
     max_input_len: int = 4096
-    step_overhead_ms: float = 0.0
-    prefill_us_per_token: float = 0.0
-    decode_ms_per_step: float = 0.0
-    decode_us_per_seq: float = 0.0
+    tokens_per_block: int = 32
+    max_tokens_in_paged_kv_cache: int = 65536
+    enable_kv_cache_reuse: bool = True
+    kv_lease_timeout_s: float = 30.0
+    kv_transport: str = "auto"
+    kv_transfer_host: str = "127.0.0.1"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    step_overhead_ms: float = 0.5
+    prefill_us_per_token: float = 32.0
+    decode_ms_per_step: float = 6.0
+    decode_us_per_seq: float = 32.0
+    decode_ns_per_kv_token: float = 49.0
+    transfer_us_per_token: float = 5.2
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_num_tokens", "max_input_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine parameter '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("step_overhead_ms", "prefill_us_per_token", "decode_ms_per_step", "decode_us_per_seq"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"engine parameter '{name}' must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and value < 1:
+                raise ValueError(f"engine parameter '{f.name}' must be >= 1, got {value}")
+            if f.type == "float" and not value >= 0:
+                raise ValueError(f"engine parameter '{f.name}' must be >= 0, got {value}")
+        if self.kv_transport not in TRANSPORT_NAMES:
+            raise ValueError(f"engine parameter 'kv_transport' must be one of {list(TRANSPORT_NAMES)}, got {self.kv_transport!r}")
+        if self.kv_lease_timeout_s <= 0:
+            raise ValueError(f"engine parameter 'kv_lease_timeout_s' must be > 0, got {self.kv_lease_timeout_s}")
+        if self.max_tokens_in_paged_kv_cache < self.tokens_per_block:
+            raise ValueError(
+                f"engine parameter 'max_tokens_in_paged_kv_cache'={self.max_tokens_in_paged_kv_cache} is less than "
+                f"one block of tokens_per_block={self.tokens_per_block}"
+            )
+        try:
+            self.layout.validate(self.geometry)
+        except ValueError as exc:
+            raise ValueError(f"engine parameter {exc}") from None
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(tokens_per_block=self.tokens_per_block)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.max_tokens_in_paged_kv_cache // self.tokens_per_block
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> "EngineConfig":
-        """Build from string parameters; unknown stub keys are errors that name the key."""
+        """Build from string parameters; a bad value is an error that names its key."""
         known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, int | float] = {}
+        values: dict[str, int | float | bool | str] = {}
         for key, raw in params.items():
-            if key not in known:
+            kind = known.get(key)
+            if kind is None:
                 continue  # other backends' keys (e.g. tensorrtllm's) may share the block
+            text = str(raw).strip()
             try:
-                values[key] = int(raw) if known[key] == "int" else float(raw)
+                if kind == "bool":
+                    if text.lower() not in _TRUE | _FALSE:
+                        raise ValueError
+                    values[key] = text.lower() in _TRUE
+                elif kind == "int":
+                    values[key] = int(text)
+                elif kind == "float":
+                    values[key] = float(text)
+                else:
+                    values[key] = text
             except ValueError:
-                raise ValueError(f"engine parameter '{key}' must be a {known[key]}, got {raw!r}") from None
+                raise ValueError(f"engine parameter '{key}' must be a {kind}, got {raw!r}") from None
         return cls(**values)  # type: ignore[arg-type]
 
-    def step_seconds(self, prefill_tokens: int, decoding: int) -> float:
+    @classmethod
+    def free(cls, **overrides: object) -> "EngineConfig":
+        """All costs zero: steps take only their real CPU time (tests, functional runs)."""
+        zero = {f.name: 0.0 for f in fields(cls) if f.type == "float" and f.name != "kv_lease_timeout_s"}
+        return cls(**{**zero, **overrides})  # type: ignore[arg-type]
+
+    def step_seconds(self, prefill_tokens: int, decoding: int, kv_tokens: int = 0) -> float:
         """Modelled GPU time of one step with these contents."""
-        ms = self.step_overhead_ms + self.prefill_us_per_token * prefill_tokens / 1000.0
+        ms = self.step_overhead_ms + self.prefill_us_per_token * prefill_tokens / 1e3
         if decoding:
-            ms += self.decode_ms_per_step + self.decode_us_per_seq * decoding / 1000.0
-        return ms / 1000.0
+            ms += self.decode_ms_per_step + self.decode_us_per_seq * decoding / 1e3 + self.decode_ns_per_kv_token * kv_tokens / 1e6
+        return ms / 1e3
+
+    def transfer_seconds(self, tokens: int) -> float:
+        return self.transfer_us_per_token * tokens / 1e6

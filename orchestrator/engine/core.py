@@ -1,19 +1,23 @@
 """The stub engine core: one in-flight batching loop per engine model.
 
 Each step takes one decode token from every running sequence plus as many queued
-prompts as fit (`max_batch_size` sequences, `max_num_tokens` tokens), sleeps for the cost
-model's time of that step (the stand-in for GPU time), then emits the step's tokens.
-New requests join between steps and finished ones leave, so one engine serves many
-requests at once and a long prefill in a step delays every running sequence's next
-token, as on a GPU.
+prompts as fit (`max_batch_size` sequences, `max_num_tokens` tokens, free KV blocks),
+runs the model on the paged KV cache, waits out the cost model's duration of that step
+(the stand-in for GPU time), then emits the step's tokens. New requests join between
+steps and finished ones leave, so a long prefill in a step delays every running
+sequence's next token, as on a GPU.
 
 Phases (the `request_type` parameter):
-- context_only: prefill, emit the first token and a `Handoff` blob in one final output;
-- generation_only: import the handoff's state, re-emit its first token, then decode;
-- aggregate: prefill and decode here.
+- context_only: prefill, then one final output with the first token and a `Handoff`
+  naming a lease on the prompt's KV blocks, which a generation engine pulls;
+- generation_only: admitted with blocks for prompt + max_tokens, it pulls the missing
+  KV blocks in the background (the loop keeps stepping the running batch meanwhile),
+  joins the batch when they arrive, re-emits the first token, then decodes;
+- aggregate (no parameter): prefill and decode here.
 
 Outputs go to a `Sink` per request (the Triton adapter wraps a response sender); every
-submitted request gets exactly one final output or one error.
+submitted request gets exactly one final output or one error, and every path (finish,
+error, cancellation, shutdown) gives its KV blocks back.
 """
 
 from __future__ import annotations
@@ -25,10 +29,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics, RequestType
+from orchestrator.engine.block_hash import block_hashes, prompt_digest
+from orchestrator.engine.block_pool import BlockPool
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.handoff import Handoff
-from orchestrator.engine.tiny_model import InductionModel, SequenceState
-from orchestrator.errors import InvalidInput, RequestError, as_request_error
+from orchestrator.engine.kv_cache import Allocation, KVCacheManager
+from orchestrator.engine.kv_layout import convert
+from orchestrator.engine.kv_store import KVStore
+from orchestrator.engine.leases import LeaseTable
+from orchestrator.engine.tiny_model import InductionModel, SequenceKV
+from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
+from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
+
+IDLE_POLL_S = 0.05  # how often a loop with only queued or pulling requests looks for cancellations
 
 
 class Sink(Protocol):
@@ -38,19 +51,28 @@ class Sink(Protocol):
 
     def fail(self, error: RequestError) -> None: ...
 
+    def cancelled(self) -> bool: ...
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)  # identity semantics: sequences live in sets
 class _Sequence:
     request: EngineRequest
     sink: Sink
     arrival_ns: int
-    state: SequenceState | None = None
+    hashes: list[int]
     handoff: Handoff | None = None
+    alloc: Allocation | None = None
+    kv: SequenceKV | None = None
+    tokens: list[int] = field(default_factory=list)  # prompt + accepted tokens: what the cache holds or will
     generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # the token this step computed, accepted after the step's time
     sent: int = 0  # generated tokens already streamed
+    pull: asyncio.Task[None] | None = None
     first_scheduled_ns: int = 0
     first_token_ns: int = 0
-    done: bool = False
+    kv_stats: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks (kept after release)
+    done: bool = False  # left the scheduler, blocks given back
+    closed: bool = False  # its final output or error was delivered
 
     @property
     def prompt_tokens(self) -> int:
@@ -58,176 +80,398 @@ class _Sequence:
 
 
 class EngineCore:
-    """Scheduler state and loop for one engine; all methods run on one asyncio loop."""
+    """Scheduler state and loop for one engine; every method runs on one asyncio loop."""
 
     def __init__(
         self,
         name: str,
         config: EngineConfig,
-        model: InductionModel | None = None,
+        transport: KVTransport | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.name = name
         self.config = config
-        self.model = model or InductionModel()
+        self.geometry = config.geometry
+        self.model = InductionModel(self.geometry)
+        self.store = KVStore(self.geometry, config.layout, config.num_kv_blocks, shared=True, label=name)
+        self.kv = KVCacheManager(BlockPool(config.num_kv_blocks), config.tokens_per_block, config.enable_kv_cache_reuse)
+        self.leases = LeaseTable(self.kv, config.kv_lease_timeout_s, on_release=self._wake)
+        self.server = TransferServer(self.store, self.leases, config.kv_transfer_host)
+        self.transport = transport or make_transport(config.kv_transport)
+        self._host_id = host_id()
         self._clock_ns = clock_ns
         self._waiting: deque[_Sequence] = deque()
+        self._pulling: set[_Sequence] = set()
+        self._ready: deque[_Sequence] = deque()  # KV arrived, waiting for a batch slot
         self._running: list[_Sequence] = []
         self._wakeup = asyncio.Event()
+        self._changed = asyncio.Event()  # something finished or was released (wait_idle listens)
         self._task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._closed = False
         self.steps = 0
+        self.step_log: list[tuple[int, int, int]] = []  # per step: (prefill tokens, decoding, admitted); tests read it
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the KV transfer server (idempotent, concurrent callers share one start)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.server.start())
+        await self._started
+
+    async def close(self) -> None:
+        """Stop: fail whatever is in flight (UNAVAILABLE), free every block, unlink the store."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        error = RequestError(f"engine '{self.name}' is shutting down", ErrorCode.UNAVAILABLE)
+        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running]:
+            self._fail(seq, error)
+        self._waiting.clear()
+        self._ready.clear()
+        self._running.clear()
+        self.leases.close()
+        await self.server.close()
+        close_transport(self.transport)
+        self.store.close()
 
     # -- intake ---------------------------------------------------------------------
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         """Queue a request; raises InvalidInput (nothing queued) when it cannot be served."""
-        if len(request.input_ids) > self.config.max_input_len:
+        if self._closed:
+            raise RequestError(f"engine '{self.name}' is shut down", ErrorCode.UNAVAILABLE)
+        if request.request_type is RequestType.CONTEXT_ONLY and not (self._started and self._started.done()):
+            raise RequestError(f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL)
+        ids = request.input_ids
+        if len(ids) > self.config.max_input_len:
             raise InvalidInput(
-                f"prompt has {len(request.input_ids)} tokens, more than engine '{self.name}' "
-                f"max_input_len={self.config.max_input_len}"
+                f"prompt has {len(ids)} tokens, more than engine '{self.name}' max_input_len={self.config.max_input_len}"
             )
-        seq = _Sequence(request=request, sink=sink, arrival_ns=self._clock_ns())
+        if any(t < 0 for t in ids):
+            raise InvalidInput("input_ids must be token ids >= 0")
+        need = self._max_slots(request)
+        if not self.kv.fits_empty(need):
+            raise InvalidInput(
+                f"the request needs {self.kv.blocks_for(need)} KV blocks (prompt + max_tokens = {need} tokens) but engine "
+                f"'{self.name}' has {self.kv.pool.num_blocks}; lower max_tokens or raise max_tokens_in_paged_kv_cache"
+            )
+        hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
+        seq = _Sequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids))
         if request.request_type is RequestType.GENERATION_ONLY:
             seq.handoff = self._accept_handoff(request)
         self._waiting.append(seq)
         self._ensure_loop()
-        self._wakeup.set()
+        self._wake()
+
+    def _max_slots(self, request: EngineRequest) -> int:
+        """KV slots the request may fill here (GUARANTEED_NO_EVICT reserves them all)."""
+        if request.request_type is RequestType.CONTEXT_ONLY:
+            return len(request.input_ids)
+        return len(request.input_ids) + request.stop.max_new_tokens
 
     def _accept_handoff(self, request: EngineRequest) -> Handoff:
         if request.context_phase_params is None:
             raise InvalidInput("a generation_only request needs the context_phase_params of its context phase")
         try:
             handoff = Handoff.decode(request.context_phase_params)
-            state = self.model.import_state(handoff.state)
         except ValueError as exc:
-            message = str(exc)
-            if "context_phase_params" not in message:
-                message = f"context_phase_params holds an unusable model state: {message}"
-            raise InvalidInput(message) from None
-        if tuple(state.tokens) != request.input_ids:
+            raise InvalidInput(str(exc)) from None
+        if handoff.num_tokens != len(request.input_ids) or handoff.prompt_digest != prompt_digest(request.input_ids):
             raise InvalidInput("context_phase_params belong to a different prompt than this request's input_ids")
+        if handoff.geometry != self.geometry:
+            raise InvalidInput(
+                f"context_phase_params come from engine '{handoff.source_engine}' with KV geometry {handoff.geometry}, "
+                f"this engine has {self.geometry}: configure the same tokens_per_block on both"
+            )
         return handoff
 
     @property
     def active(self) -> int:
-        return len(self._waiting) + len(self._running)
+        """Requests not yet finished (queued, pulling, ready or running)."""
+        return len(self._waiting) + len(self._pulling) + len(self._ready) + len(self._running)
+
+    def check_idle(self) -> None:
+        """Assert nothing is held: no request, no lease, every block free (tests' leak check)."""
+        assert self.active == 0, f"{self.active} requests still active on '{self.name}'"
+        assert len(self.leases) == 0, f"{len(self.leases)} leases still held on '{self.name}'"
+        self.kv.check_idle()
 
     # -- loop -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._changed.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is active and no lease is held (leases may take their timeout)."""
+        while self.active or len(self.leases):
+            self._changed.clear()
+            await self._changed.wait()
+
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.name}")
 
     async def _loop(self) -> None:
         while True:
-            if not self._waiting and not self._running:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            self._drop_cancelled()
             decoding = list(self._running)  # before admission: a new sequence's first step is its prefill
             admitted = self._admit()
-            prefill_tokens = sum(s.prompt_tokens for s in admitted if s.handoff is None)
-            self.steps += 1
-            await asyncio.sleep(self.config.step_seconds(prefill_tokens, len(decoding)))
-            now = self._clock_ns()
-            for seq in admitted:
-                self._guarded(seq, self._start, seq, now)
-            for seq in decoding:
-                self._guarded(seq, self._decode, seq, now)
-            self._running = [s for s in self._running if not s.done]
+            if not decoding and not admitted:
+                self._wakeup.clear()
+                if not self.active:
+                    await self._wakeup.wait()
+                else:  # queued for memory or pulling: wake on news, and look for cancellations now and then
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
+                    except asyncio.TimeoutError:
+                        pass
+                continue
+            await self._step(decoding, admitted)
+
+    async def _step(self, decoding: list[_Sequence], admitted: list[_Sequence]) -> None:
+        started = time.perf_counter()
+        prefill_tokens = 0
+        for seq in admitted:
+            if seq.handoff is None:
+                prefill_tokens += self._guarded(seq, self._prefill, seq) or 0
+            else:
+                seq.pending = seq.handoff.first_token
+        kv_tokens = 0
+        for seq in decoding:
+            kv_tokens += self._guarded(seq, self._decode, seq) or 0
+        self.steps += 1
+        self.step_log.append((prefill_tokens, len(decoding), len(admitted)))
+        cost = self.config.step_seconds(prefill_tokens, len(decoding), kv_tokens)
+        await asyncio.sleep(max(0.0, cost - (time.perf_counter() - started)))
+        now = self._clock_ns()
+        for seq in admitted:
+            if not seq.done:
+                seq.first_token_ns = now
+                self._guarded(seq, self._accept_first, seq, now)
+        for seq in decoding:
+            if not seq.done:
+                self._guarded(seq, self._accept, seq, now)
+        self._running = [s for s in self._running if not s.done]
 
     def _admit(self) -> list[_Sequence]:
-        """Move queued sequences into this step while the batch and token budget allow."""
+        """Move sequences into this step while batch, token budget and KV blocks allow (FCFS)."""
         admitted: list[_Sequence] = []
         budget = self.config.max_num_tokens - len(self._running)
         now = self._clock_ns()
-        while self._waiting and len(self._running) + len(admitted) < self.config.max_batch_size:
+
+        def room() -> bool:
+            return len(self._running) + len(admitted) < self.config.max_batch_size
+
+        while self._ready and room() and budget >= 1:  # pulled KV first: it already holds memory
+            seq = self._ready.popleft()
+            budget -= 1
+            admitted.append(seq)
+        while self._waiting and room():
             seq = self._waiting[0]
-            cost = 1 if seq.handoff is not None else seq.prompt_tokens
+            if seq.handoff is not None:
+                if not self._start_pull(seq):
+                    break  # not enough free blocks yet: wait (FCFS, no overtaking)
+                self._waiting.popleft()
+                continue
+            cached = len(self.kv.match(seq.hashes)) * self.config.tokens_per_block
+            cost = max(1, seq.prompt_tokens - cached)
             never_fits = cost > self.config.max_num_tokens
             if cost > budget and (admitted or not never_fits):
                 break  # wait for room; a prompt that can never fit runs as its step's only prefill
+            alloc = self.kv.admit(seq.request.input_ids, self._max_slots(seq.request), seq.hashes)
+            if alloc is None:
+                break  # wait for blocks
             self._waiting.popleft()
+            self._hold(seq, alloc)
             budget -= cost
             seq.first_scheduled_ns = now
             admitted.append(seq)
         self._running.extend(admitted)
         return admitted
 
-    def _guarded(self, seq: _Sequence, fn: Callable[..., None], *args: object) -> None:
-        """Run one sequence's work; a failure ends that sequence only, with a typed error."""
+    def _hold(self, seq: _Sequence, alloc: Allocation) -> None:
+        seq.alloc = alloc
+        seq.kv = SequenceKV(key=seq.request.sampling.key(), table=alloc.blocks)
+        seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
+
+    # -- KV pulls (generation_only) ----------------------------------------------------
+    def _start_pull(self, seq: _Sequence) -> bool:
+        handoff = seq.handoff
+        assert handoff is not None
+        last_block = self.kv.blocks_for(handoff.num_tokens) - 1
+        alloc = self.kv.admit(seq.request.input_ids, self._max_slots(seq.request), seq.hashes, max_hits=last_block)
+        if alloc is None:
+            return False
+        self._hold(seq, alloc)
+        seq.first_scheduled_ns = self._clock_ns()
+        self._pulling.add(seq)
+        seq.pull = asyncio.get_running_loop().create_task(self._pull(seq), name=f"pull-{seq.request.request_id}")
+        return True
+
+    async def _pull(self, seq: _Sequence) -> None:
+        handoff, alloc, kv = seq.handoff, seq.alloc, seq.kv
+        assert handoff is not None and alloc is not None and kv is not None
+        started = time.perf_counter()
         try:
-            fn(*args)
-        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
-            self._finish(seq)
-            try:
-                seq.sink.fail(as_request_error(exc))
-            except Exception:  # noqa: BLE001 - its client is gone; the loop must go on for the others
-                pass
+            first, count = alloc.reused, self.kv.blocks_for(handoff.num_tokens) - alloc.reused
+            shards = await self.transport.pull(handoff, first, count)
+            self.store.write_blocks(alloc.blocks[first : first + count], convert(self.geometry, handoff.layout, self.config.layout, shards))
+            kv.length = handoff.num_tokens
+            self.model.reindex(self.store, kv)
+            self.kv.commit(alloc, seq.tokens)
+            pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
+            await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (time.perf_counter() - started)))
+        except asyncio.CancelledError:
+            raise  # whoever cancelled (cancellation, shutdown) has ended the sequence
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error
+            self._pulling.discard(seq)
+            self._fail(seq, as_request_error(exc))
+            return
+        self._pulling.discard(seq)
+        if seq.done:
+            return
+        self._ready.append(seq)
+        self._wake()
 
     # -- per-sequence work ----------------------------------------------------------
-    def _start(self, seq: _Sequence, now: int) -> None:
-        req = seq.request
-        if seq.handoff is not None:
-            seq.state = self.model.import_state(seq.handoff.state)
-            first = seq.handoff.first_token
-        else:
-            seq.state = self.model.prefill(req.input_ids, req.sampling.key())
-            first = self.model.next_token(seq.state)
-        seq.first_token_ns = now
-        if req.request_type is RequestType.CONTEXT_ONLY:
-            self._finish_context(seq, first, now)
-            return
-        self._accept_token(seq, first, now)
+    def _guarded(self, seq: _Sequence, fn: Callable[..., int | None], *args: object) -> int | None:
+        """Run one sequence's work; a failure ends that sequence only, with a typed error."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
+            self._fail(seq, as_request_error(exc))
+            return None
 
-    def _finish_context(self, seq: _Sequence, first: int, now: int) -> None:
+    def _prefill(self, seq: _Sequence) -> int:
+        """Write the prompt's uncached K/V and compute the first token; returns tokens computed."""
+        alloc, kv = seq.alloc, seq.kv
+        assert alloc is not None and kv is not None
+        ids = seq.request.input_ids
+        kv.length = alloc.cached_tokens
+        self.model.reindex(self.store, kv)
+        if kv.length < len(ids):
+            previous = ids[kv.length - 1] if kv.length else None
+            self.model.write(self.store, kv, ids[kv.length :], previous)
+        self.kv.commit(alloc, seq.tokens)
+        seq.pending = self.model.next_token(self.store, kv)
+        return max(1, len(ids) - alloc.cached_tokens)
+
+    def _decode(self, seq: _Sequence) -> int:
+        """Write the last accepted token's K/V and compute the next; returns KV tokens attended."""
+        alloc, kv = seq.alloc, seq.kv
+        assert alloc is not None and kv is not None
+        self.kv.ensure(alloc, kv.length + 1)
+        seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
+        self.model.write(self.store, kv, seq.tokens[-1:], seq.tokens[-2] if len(seq.tokens) > 1 else None)
+        self.kv.commit(alloc, seq.tokens)
+        seq.pending = self.model.next_token(self.store, kv)
+        return kv.length
+
+    def _accept_first(self, seq: _Sequence, now: int) -> None:
+        if seq.request.request_type is RequestType.CONTEXT_ONLY:
+            self._finish_context(seq, now)
+        else:
+            self._accept(seq, now)
+
+    def _finish_context(self, seq: _Sequence, now: int) -> None:
         """A context-only request ends here: one final output with the first token and the handoff."""
-        req = seq.request
-        assert seq.state is not None
+        req, alloc, first = seq.request, seq.alloc, seq.pending
+        assert alloc is not None and first is not None
         ended = req.stop.is_end(first)
         tokens = () if ended else (first,)
-        done = ended or req.stop.finished(tokens) is not None
         blob = None
-        if not done:
-            blob = Handoff(req.request_id, self.name, first, self.model.export_state(seq.state)).encode()
+        if not (ended or req.stop.finished(tokens) is not None):
+            lease = self.leases.create(alloc, len(req.input_ids))
+            seq.alloc = None  # the lease holds the blocks now
+            blob = Handoff(
+                request_id=req.request_id, source_engine=self.name, first_token=first, num_tokens=len(req.input_ids),
+                prompt_digest=prompt_digest(req.input_ids), lease_id=lease, geometry=self.geometry,
+                layout=self.config.layout, host=self.config.kv_transfer_host, port=self.server.port,
+                host_id=self._host_id, shm_name=self.store.shm_name,
+            ).encode()  # fmt: skip
+        output = self._output(seq, tokens, now, context_phase_params=blob)
         self._finish(seq)
-        seq.sink.send(self._output(seq, tokens, now, context_phase_params=blob), final=True)
+        self._deliver(seq, output, final=True)
 
-    def _decode(self, seq: _Sequence, now: int) -> None:
-        if seq.done:
-            return  # ended earlier in this step
-        assert seq.state is not None
-        self._accept_token(seq, self.model.next_token(seq.state), now)
-
-    def _accept_token(self, seq: _Sequence, token: int, now: int) -> None:
-        req = seq.request
-        assert seq.state is not None
+    def _accept(self, seq: _Sequence, now: int) -> None:
+        req, token = seq.request, seq.pending
+        assert token is not None
         ended = req.stop.is_end(token)
         if not ended:
             seq.generated.append(token)
-            seq.state.append(token)
+            seq.tokens.append(token)
         done = ended or req.stop.finished(seq.generated) is not None
-        if done:
-            self._finish(seq)
+        output: EngineOutput | None = None
         if req.streaming:
             new = tuple(seq.generated[seq.sent :])
             seq.sent = len(seq.generated)
             if new or done:
-                seq.sink.send(self._output(seq, new, now), final=done)
+                output = self._output(seq, new, now)
         elif done:
             body = tuple(seq.generated)
             if not req.exclude_input_in_output:
                 body = req.input_ids + body
-            seq.sink.send(self._output(seq, body, now), final=True)
+            output = self._output(seq, body, now)
+        if done:
+            self._finish(seq)
+        if output is not None:
+            self._deliver(seq, output, final=done)
+
+    def _deliver(self, seq: _Sequence, output: EngineOutput, final: bool) -> None:
+        seq.closed = final
+        seq.sink.send(output, final)
 
     def _finish(self, seq: _Sequence) -> None:
-        seq.done = True  # the loop drops it from the running batch at the end of the step
+        """End a sequence and give back its blocks (idempotent; the loop drops it from the batch)."""
+        seq.done = True
+        if seq.pull is not None and not seq.pull.done() and seq.pull is not asyncio.current_task():
+            seq.pull.cancel()
+        self._pulling.discard(seq)
+        if seq.alloc is not None:
+            self.kv.release(seq.alloc)
+            seq.alloc = None
+        self._wake()
+
+    def _fail(self, seq: _Sequence, error: RequestError) -> None:
+        self._finish(seq)
+        if seq.closed:
+            return
+        seq.closed = True
+        try:
+            seq.sink.fail(error)
+        except Exception:  # noqa: BLE001 - its client is gone; the loop must go on for the others
+            pass
+
+    def _drop_cancelled(self) -> None:
+        """End every request whose client cancelled it, wherever it is."""
+        cancelled = RequestError("request cancelled by the client", ErrorCode.CANCELLED)
+        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running]:
+            try:
+                gone = seq.sink.cancelled()
+            except Exception:  # noqa: BLE001 - a broken sink counts as a departed client
+                gone = True
+            if gone:
+                self._fail(seq, cancelled)
+        if any(s.done for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.done)
+        if any(s.done for s in self._ready):
+            self._ready = deque(s for s in self._ready if not s.done)
+        self._running = [s for s in self._running if not s.done]
 
     def _output(self, seq: _Sequence, tokens: tuple[int, ...], now: int, context_phase_params: bytes | None = None) -> EngineOutput:
         perf = None
         if seq.request.return_perf_metrics:
+            new, reused, total = seq.kv_stats
             perf = PerfMetrics(
                 arrival_time_ns=seq.arrival_ns,
                 first_scheduled_time_ns=seq.first_scheduled_ns,
                 first_token_time_ns=seq.first_token_ns,
                 last_token_time_ns=now,
+                kv_cache_alloc_new_blocks=new,
+                kv_cache_reused_blocks=reused,
+                kv_cache_alloc_total_blocks=total,
             )
         return EngineOutput(
             tokens=tokens,

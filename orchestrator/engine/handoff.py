@@ -1,13 +1,18 @@
 """`context_phase_params`: what a context engine hands a generation engine.
 
 The orchestrator forwards this blob unchanged and never parses it (TensorRT-LLM's blob is
-likewise opaque and version-tied). Layout, little-endian:
+likewise opaque and version-tied). It does not carry the KV cache: it says where to pull
+it from (the context engine's transfer server and the lease holding the blocks) and what
+the blocks look like (model geometry, parallel layout). Layout, little-endian:
 
-    magic b"DKV1" | u16 len + request id (utf-8) | u16 len + source engine name |
-    i32 first token | u32 len + model state | u32 crc32 of everything before
+    magic b"DKV2"
+    i32 first token | u32 prompt tokens | u64 prompt digest | u64 lease id
+    u16 layers | u16 heads | u16 head_dim | u32 tokens_per_block | u16 tp | u16 pp | u16 port
+    5 x (u16 length + utf-8): request id, source engine, host, host id, shm name
+    u32 crc32 of everything before
 
 A forged, truncated or mismatched blob fails `decode` with a ValueError that says which
-check failed, so a dropped or damaged handoff can never silently produce output.
+check failed, so a damaged handoff can never silently produce output.
 """
 
 from __future__ import annotations
@@ -16,27 +21,43 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-MAGIC = b"DKV1"
+from orchestrator.engine.kv_layout import Geometry, Layout
+
+MAGIC = b"DKV2"
+_FIXED = struct.Struct("<iIQQHHHIHHH")
+_STRINGS = ("request_id", "source_engine", "host", "host_id", "shm_name")
 
 
 @dataclass(frozen=True, slots=True)
 class Handoff:
-    """Joins a context engine's finished prefill to the generation engine that continues it."""
+    """Joins a context engine's finished prefill (a lease) to the generation engine that pulls it."""
 
     request_id: str
     source_engine: str
     first_token: int
-    state: bytes
+    num_tokens: int
+    prompt_digest: int
+    lease_id: int
+    geometry: Geometry
+    layout: Layout
+    host: str
+    port: int
+    host_id: str
+    shm_name: str = ""
 
     def encode(self) -> bytes:
-        rid = self.request_id.encode()
-        src = self.source_engine.encode()
-        body = b"".join((
+        g = self.geometry
+        parts = [
             MAGIC,
-            struct.pack("<H", len(rid)), rid,
-            struct.pack("<H", len(src)), src,
-            struct.pack("<iI", self.first_token, len(self.state)), self.state,
-        ))  # fmt: skip
+            _FIXED.pack(
+                self.first_token, self.num_tokens, self.prompt_digest, self.lease_id,
+                g.layers, g.heads, g.head_dim, g.tokens_per_block, self.layout.tp, self.layout.pp, self.port,
+            ),
+        ]  # fmt: skip
+        for name in _STRINGS:
+            raw = getattr(self, name).encode()
+            parts += [struct.pack("<H", len(raw)), raw]
+        body = b"".join(parts)
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
@@ -48,17 +69,22 @@ class Handoff:
             raise ValueError("context_phase_params failed its checksum (truncated or altered)")
         try:
             pos = len(MAGIC)
-            (n,) = struct.unpack_from("<H", body, pos)
-            rid = body[pos + 2 : pos + 2 + n].decode()
-            pos += 2 + n
-            (n,) = struct.unpack_from("<H", body, pos)
-            src = body[pos + 2 : pos + 2 + n].decode()
-            pos += 2 + n
-            first, n = struct.unpack_from("<iI", body, pos)
-            pos += 8
-            state = body[pos : pos + n]
-            if len(state) != n or pos + n != len(body):
-                raise ValueError("lengths do not add up")
+            first, ntok, digest, lease, layers, heads, dim, tpb, tp, pp, port = _FIXED.unpack_from(body, pos)
+            pos += _FIXED.size
+            strings: dict[str, str] = {}
+            for name in _STRINGS:
+                (n,) = struct.unpack_from("<H", body, pos)
+                raw = body[pos + 2 : pos + 2 + n]
+                if len(raw) != n:
+                    raise ValueError(f"{name} overruns the blob")
+                strings[name] = raw.decode()
+                pos += 2 + n
+            if pos != len(body):
+                raise ValueError("trailing bytes")
+            geometry = Geometry(layers, heads, dim, tpb)
         except (struct.error, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"context_phase_params is malformed: {exc}") from None
-        return cls(request_id=rid, source_engine=src, first_token=first, state=state)
+        return cls(
+            first_token=first, num_tokens=ntok, prompt_digest=digest, lease_id=lease, geometry=geometry,
+            layout=Layout(tp, pp), port=port, **strings,
+        )  # fmt: skip

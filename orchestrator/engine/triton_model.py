@@ -1,8 +1,8 @@
 """The stub engine as a Triton python-backend model (decoupled, async).
 
-Every `context_N` / `generation_N` model.py re-exports this class: one engine model is
-one `EngineCore`, like one TensorRT-LLM executor. Only used inside the python backend
-stub (it imports `triton_python_backend_utils` at initialize).
+Every `context_N` / `generation_N` / `aggregated_N` model.py re-exports this class: one
+engine model is one `EngineCore`, like one TensorRT-LLM executor. Only used inside the
+python backend stub (it imports `triton_python_backend_utils` at initialize).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from orchestrator.errors import RequestError, as_request_error
 
 
 class _EngineSink:
-    __slots__ = ("pb", "sender", "request")
+    __slots__ = ("pb", "sender", "request", "triton_request")
 
-    def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest) -> None:
-        self.pb, self.sender, self.request = pb_utils, sender, request
+    def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest, triton_request: Any) -> None:
+        self.pb, self.sender, self.request, self.triton_request = pb_utils, sender, request, triton_request
 
     def send(self, output: EngineOutput, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
@@ -28,6 +28,9 @@ class _EngineSink:
 
     def fail(self, error: RequestError) -> None:
         self.sender.send(io.error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def cancelled(self) -> bool:
+        return bool(self.triton_request.is_cancelled())
 
 
 class TritonPythonModel:
@@ -39,13 +42,19 @@ class TritonPythonModel:
         self.core = EngineCore(args["model_name"], self.config)
 
     async def execute(self, requests: list[Any]) -> None:
+        await self.core.start()
         for request in requests:
             sender = request.get_response_sender()
             try:
                 parsed = parse_request(
                     io.request_tensors(request), io.request_parameters(request), request.request_id(), self.config.max_input_len
                 )
-                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed))
+                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request))
             except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
                 sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
+
+    def finalize(self) -> None:
+        # The engine loop may still be running on the stub's event loop thread: only remove
+        # the shared-memory name here; the mapping itself goes away with this process.
+        self.core.store.unlink()
