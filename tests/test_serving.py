@@ -12,6 +12,8 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from orchestrator.detokenize import completion_text
+from orchestrator.tokenizer import BuiltinTokenizer
 from scripts.client import Delta, ensemble_inputs, generate
 from scripts.launch import TritonServer
 
@@ -55,7 +57,7 @@ NO_GPU_LINES = re.compile(r"CudaDriverHelper|CUDA driver version is insufficient
 def test_committed_configs_load_without_errors(server: TritonServer) -> None:
     log = server.log_text()
     for model in ("ensemble", "preprocessing", "orchestrator", "postprocessing",
-                  "context_0", "context_1", "generation_0", "generation_1"):  # fmt: skip
+                  "context_0", "context_1", "generation_0", "generation_1", "aggregated_0"):  # fmt: skip
         assert re.search(rf"\|\s*{model}\s*\|\s*1\s*\|\s*READY", log), f"{model} not READY"
     errors = [line for line in log.splitlines() if re.match(r"^E\d{4}", line) and not NO_GPU_LINES.search(line)]
     assert errors == []
@@ -124,6 +126,11 @@ def test_perf_outputs_on_every_streamed_response(server: TritonServer) -> None:
         t = {k: int(d.outputs[k].reshape(-1)[0]) for k in
              ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")}  # fmt: skip
         assert 0 < t["arrival_time_ns"] <= t["first_scheduled_time_ns"] <= t["first_token_time_ns"] <= t["last_token_time_ns"]
+    last = deltas[-1].outputs
+    kv = {k: int(last[k].reshape(-1)[0]) for k in ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")}
+    # The prompt's blocks on the context engine plus prompt + output on the generation engine.
+    assert kv["kv_cache_alloc_total_blocks"] >= 2
+    assert kv["kv_cache_alloc_new_blocks"] + kv["kv_cache_reused_blocks"] == kv["kv_cache_alloc_total_blocks"]
 
 
 def test_32_concurrent_streams_interleave_and_each_gets_its_own_output(server: TritonServer) -> None:
@@ -301,3 +308,22 @@ def test_orchestrator_serves_token_level_clients_directly(server: TritonServer) 
     assert len(tokens) == 6  # request_output_len in engine_call
     whole = engine_call(server, "orchestrator", ids, {}, exclude_input_in_output=np.array([[True]]))
     assert [int(t) for t in whole[0].as_numpy("output_ids").reshape(-1)] == tokens
+
+
+# -- the stub engines as an oracle: disaggregated == aggregated through the real server --
+def test_ensemble_output_equals_the_aggregated_engine(server: TritonServer) -> None:
+    """Each prompt through the ensemble (context engine -> KV pulled over shared memory, with
+    tp2 -> tp1 re-sharding -> generation engine) gives exactly the tokens and text the
+    aggregated engine computes alone, so the KV cache crossed processes intact."""
+    tokenizer = BuiltinTokenizer()
+    for prompt in [*PROMPTS.values(), "x " * 40 + "the end", "a b c d e f g a b c d e f g a b"]:
+        ids = tokenizer.encode(prompt)
+        max_tokens = np.array([[24]], dtype=np.int32)
+        exclude = np.array([[True]])
+        agg = engine_call(server, "aggregated_0", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude)
+        expected = [int(t) for t in agg[0].as_numpy("output_ids").reshape(-1)]
+        assert len(expected) == 24
+        orch = engine_call(server, "orchestrator", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude)
+        assert [int(t) for t in orch[0].as_numpy("output_ids").reshape(-1)] == expected, prompt
+        text = single_text(server, prompt, 24, exclude_input_in_output=True)
+        assert text == completion_text(tokenizer, ids, expected), prompt
