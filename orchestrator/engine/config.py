@@ -19,6 +19,8 @@ KV cache (`kv_cache.py`, `block_pool.py`):
   pulls KV, and the address its own transfer server listens on and advertises.
 - `tensor_parallel_size`, `pipeline_parallel_size` (1, 1): the simulated layout of the
   KV blocks (must divide the model's 4 heads / 4 layers).
+- `cancel_check_ms` (50): how often the loop asks whether clients cancelled; each check is
+  an IPC round trip per request in the python backend, so not every step.
 
 Cost model: a step lasts
 
@@ -64,6 +66,7 @@ class EngineConfig:
     kv_transfer_host: str = "127.0.0.1"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    cancel_check_ms: float = 50.0
     step_overhead_ms: float = 0.5
     prefill_us_per_token: float = 32.0
     decode_ms_per_step: float = 6.0

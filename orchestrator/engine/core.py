@@ -41,7 +41,7 @@ from orchestrator.engine.tiny_model import InductionModel, SequenceKV
 from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
 from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
 
-IDLE_POLL_S = 0.05  # how often a loop with only queued or pulling requests looks for cancellations
+MIN_IDLE_POLL_S = 0.005  # a loop with only queued or pulling requests sleeps at least this between checks
 
 
 class Sink(Protocol):
@@ -109,6 +109,7 @@ class EngineCore:
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closed = False
+        self._last_cancel_check = 0.0
         self.steps = 0
         self.step_log: list[tuple[int, int, int]] = []  # per step: (prefill tokens, decoding, admitted); tests read it
 
@@ -224,7 +225,7 @@ class EngineCore:
                     await self._wakeup.wait()
                 else:  # queued for memory or pulling: wake on news, and look for cancellations now and then
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
+                        await asyncio.wait_for(self._wakeup.wait(), max(MIN_IDLE_POLL_S, self.config.cancel_check_ms / 1e3))
                     except asyncio.TimeoutError:
                         pass
                 continue
@@ -445,7 +446,11 @@ class EngineCore:
             pass
 
     def _drop_cancelled(self) -> None:
-        """End every request whose client cancelled it, wherever it is."""
+        """End every request whose client cancelled it, wherever it is (every cancel_check_ms)."""
+        now = time.monotonic()
+        if now - self._last_cancel_check < self.config.cancel_check_ms / 1e3:
+            return
+        self._last_cancel_check = now
         cancelled = RequestError("request cancelled by the client", ErrorCode.CANCELLED)
         for seq in [*self._waiting, *self._pulling, *self._ready, *self._running]:
             try:
