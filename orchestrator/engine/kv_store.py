@@ -67,6 +67,17 @@ class KVStore:
             return np.zeros((0, g.layers, 2, g.heads, g.head_dim), dtype=DTYPE)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    # -- scattered slots (one per sequence: a decode step's batched view) ----------------------
+    def write_at(self, blocks: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> None:
+        """Write canonical values [n, L, 2, H, D] to slot offsets[i] of block blocks[i]."""
+        shards = self.layout.scatter(self.geometry, values[:, :, :, :, None, :])[:, :, :, :, :, 0, :]
+        self.array[:, blocks, :, :, :, offsets, :] = shards.swapaxes(0, 1)  # advanced axes lead: [n, R, ...]
+
+    def read_at(self, blocks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Canonical values [n, L, 2, H, D] of slot offsets[i] of block blocks[i]."""
+        shards = self.array[:, blocks, :, :, :, offsets, :].swapaxes(0, 1)[:, :, :, :, :, None, :]
+        return self.layout.gather(self.geometry, shards)[:, :, :, :, 0, :]
+
     # -- whole blocks (a transfer's view, in this store's layout) ----------------------------
     def read_blocks(self, blocks: list[int]) -> np.ndarray:
         return self.array[:, blocks]

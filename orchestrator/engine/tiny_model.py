@@ -89,17 +89,20 @@ class InductionModel:
 
     def kv_values(self, tokens: Sequence[int], start: int, previous: int | None) -> np.ndarray:
         """Canonical K/V [n, L, 2, H, D] of `tokens` at positions start.. (previous = t_{start-1})."""
-        g = self.geometry
-        toks = np.asarray(tokens, dtype=np.int64) & _MASK
+        toks = np.asarray(tokens, dtype=np.int64)
         prev = np.empty_like(toks)
-        prev[0] = 0 if previous is None else (previous + 1) & _MASK
-        prev[1:] = (toks[:-1] + 1) & _MASK
-        pos = np.arange(start, start + len(toks), dtype=np.int64)
-        out = np.zeros((len(toks), g.layers, 2, g.heads, g.head_dim), dtype=DTYPE)
-        self._encode(0, 0, prev, out)
-        self._encode(0, 1, pos, out)
-        self._encode(1, 0, toks, out)
-        self._encode(1, 1, pos, out)
+        prev[0] = -1 if previous is None else previous
+        prev[1:] = toks[:-1]
+        return self._kv(toks, np.arange(start, start + len(toks), dtype=np.int64), prev)
+
+    def _kv(self, tokens: np.ndarray, positions: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """K/V of independent slots: token i at positions[i], preceded by previous[i] (-1: none)."""
+        g = self.geometry
+        out = np.zeros((len(tokens), g.layers, 2, g.heads, g.head_dim), dtype=DTYPE)
+        self._encode(0, 0, (previous + 1) & _MASK, out)
+        self._encode(0, 1, positions, out)
+        self._encode(1, 0, tokens & _MASK, out)
+        self._encode(1, 1, positions, out)
         return out
 
     # -- sequence operations ------------------------------------------------------------
@@ -121,19 +124,44 @@ class InductionModel:
     def token_at(self, store: KVStore, seq: SequenceKV, position: int) -> int:
         return _signed(int(self._decode(1, 0, store.read_slots(seq.table, position, 1))[0]))
 
-    def next_token(self, store: KVStore, seq: SequenceKV) -> int:
-        """The next token, computed from the cached K/V only."""
-        last = store.read_slots(seq.table, seq.length - 1, 1)
-        query = _signed(int(self._decode(1, 0, last)[0]))
-        n = int(self._decode(0, 1, last)[0]) + 1  # the position stored in K, not our counter
-        jump = seq.key != 0 and _mix(seq.key, n) % 5 == 0
-        match = seq.index.get(query)
-        if match is not None and not jump and match < seq.length:
-            return self.token_at(store, seq, match)
-        return self.token_at(store, seq, _mix(seq.key, n, query) % max(1, min(n, seq.length)))
-
     def last_token(self, store: KVStore, seq: SequenceKV) -> int:
         return self.token_at(store, seq, seq.length - 1)
+
+    def next_token(self, store: KVStore, seq: SequenceKV) -> int:
+        """The next token of one sequence, computed from the cached K/V only."""
+        return self.next_tokens(store, [seq])[0]
+
+    def next_tokens(self, store: KVStore, seqs: Sequence[SequenceKV]) -> list[int]:
+        """Each sequence's next token: its last cached slot is the query (one batched read each way)."""
+        last = store.read_at(*self._slots(seqs, [s.length - 1 for s in seqs]))
+        queries = self._decode(1, 0, last).tolist()
+        stored_n = (self._decode(0, 1, last) + 1).tolist()  # the position stored in K, not our counter
+        targets = []
+        for seq, query, n in zip(seqs, queries, stored_n):
+            query = _signed(query)
+            jump = seq.key != 0 and _mix(seq.key, n) % 5 == 0
+            match = seq.index.get(query)
+            if match is None or jump or match >= seq.length:
+                match = _mix(seq.key, n, query) % max(1, min(n, seq.length))
+            targets.append(match)
+        return [_signed(v) for v in self._decode(1, 0, store.read_at(*self._slots(seqs, targets))).tolist()]
+
+    def decode_step(self, store: KVStore, seqs: Sequence[SequenceKV], tokens: Sequence[int], previous: Sequence[int]) -> list[int]:
+        """One decode step for a batch: append tokens[i] (preceded by previous[i]) to sequence i's
+        cache, index the K just written, and compute every next token: O(batch) numpy calls, not per sequence."""
+        positions = [s.length for s in seqs]
+        slots = self._slots(seqs, positions)
+        store.write_at(*slots, self._kv(np.asarray(tokens, np.int64), np.asarray(positions, np.int64), np.asarray(previous, np.int64)))
+        keys = self._decode(0, 0, store.read_at(*slots)).tolist()  # read back: the index reflects the cache
+        for seq, key, pos in zip(seqs, keys, positions):
+            seq.length = pos + 1
+            seq.index[_signed(key - 1)] = pos
+        return self.next_tokens(store, seqs)
+
+    def _slots(self, seqs: Sequence[SequenceKV], positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        t = self.geometry.tokens_per_block
+        blocks = np.fromiter((s.table[p // t] for s, p in zip(seqs, positions)), dtype=np.int64, count=len(seqs))
+        return blocks, np.asarray(positions, dtype=np.int64) % t
 
 
 def _signed(value: int) -> int:
