@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
-from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics, RequestType
+from orchestrator.contract import EngineOutput, EngineRequest, RequestType
 from orchestrator.engine.block_hash import block_hashes, prompt_digest
 from orchestrator.engine.block_pool import BlockPool
 from orchestrator.engine.config import EngineConfig
@@ -38,45 +37,11 @@ from orchestrator.engine.kv_layout import convert
 from orchestrator.engine.kv_store import KVStore
 from orchestrator.engine.leases import LeaseTable
 from orchestrator.engine.tiny_model import InductionModel, SequenceKV
+from orchestrator.engine.sequence import EngineSequence, Sink, output_for
 from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
 from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
 
 MIN_IDLE_POLL_S = 0.005  # a loop with only queued or pulling requests sleeps at least this between checks
-
-
-class Sink(Protocol):
-    """Where one request's outputs go; `final` is set on exactly one call."""
-
-    def send(self, output: EngineOutput, final: bool) -> None: ...
-
-    def fail(self, error: RequestError) -> None: ...
-
-    def cancelled(self) -> bool: ...
-
-
-@dataclass(slots=True, eq=False)  # identity semantics: sequences live in sets
-class _Sequence:
-    request: EngineRequest
-    sink: Sink
-    arrival_ns: int
-    hashes: list[int]
-    handoff: Handoff | None = None
-    alloc: Allocation | None = None
-    kv: SequenceKV | None = None
-    tokens: list[int] = field(default_factory=list)  # prompt + accepted tokens: what the cache holds or will
-    generated: list[int] = field(default_factory=list)
-    pending: int | None = None  # the token this step computed, accepted after the step's time
-    sent: int = 0  # generated tokens already streamed
-    pull: asyncio.Task[None] | None = None
-    first_scheduled_ns: int = 0
-    first_token_ns: int = 0
-    kv_stats: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks (kept after release)
-    done: bool = False  # left the scheduler, blocks given back
-    closed: bool = False  # its final output or error was delivered
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.request.input_ids)
 
 
 class EngineCore:
@@ -100,10 +65,10 @@ class EngineCore:
         self.transport = transport or make_transport(config.kv_transport)
         self._host_id = host_id()
         self._clock_ns = clock_ns
-        self._waiting: deque[_Sequence] = deque()
-        self._pulling: set[_Sequence] = set()
-        self._ready: deque[_Sequence] = deque()  # KV arrived, waiting for a batch slot
-        self._running: list[_Sequence] = []
+        self._waiting: deque[EngineSequence] = deque()
+        self._pulling: set[EngineSequence] = set()
+        self._ready: deque[EngineSequence] = deque()  # KV arrived, waiting for a batch slot
+        self._running: list[EngineSequence] = []
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()  # something finished or was released (wait_idle listens)
         self._task: asyncio.Task[None] | None = None
@@ -159,7 +124,7 @@ class EngineCore:
                 f"'{self.name}' has {self.kv.pool.num_blocks}; lower max_tokens or raise max_tokens_in_paged_kv_cache"
             )
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
-        seq = _Sequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids))
+        seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids))
         if request.request_type is RequestType.GENERATION_ONLY:
             seq.handoff = self._accept_handoff(request)
         self._waiting.append(seq)
@@ -231,7 +196,7 @@ class EngineCore:
                 continue
             await self._step(decoding, admitted)
 
-    async def _step(self, decoding: list[_Sequence], admitted: list[_Sequence]) -> None:
+    async def _step(self, decoding: list[EngineSequence], admitted: list[EngineSequence]) -> None:
         started = time.perf_counter()
         prefill_tokens = 0
         for seq in admitted:
@@ -254,9 +219,9 @@ class EngineCore:
                 self._guarded(seq, self._accept, seq, now)
         self._running = [s for s in self._running if not s.done]
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> list[EngineSequence]:
         """Move sequences into this step while batch, token budget and KV blocks allow (FCFS)."""
-        admitted: list[_Sequence] = []
+        admitted: list[EngineSequence] = []
         budget = self.config.max_num_tokens - len(self._running)
         now = self._clock_ns()
 
@@ -290,13 +255,13 @@ class EngineCore:
         self._running.extend(admitted)
         return admitted
 
-    def _hold(self, seq: _Sequence, alloc: Allocation) -> None:
+    def _hold(self, seq: EngineSequence, alloc: Allocation) -> None:
         seq.alloc = alloc
         seq.kv = SequenceKV(key=seq.request.sampling.key(), table=alloc.blocks)
         seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
 
     # -- KV pulls (generation_only) ----------------------------------------------------
-    def _start_pull(self, seq: _Sequence) -> bool:
+    def _start_pull(self, seq: EngineSequence) -> bool:
         handoff = seq.handoff
         assert handoff is not None
         last_block = self.kv.blocks_for(handoff.num_tokens) - 1
@@ -309,7 +274,7 @@ class EngineCore:
         seq.pull = asyncio.get_running_loop().create_task(self._pull(seq), name=f"pull-{seq.request.request_id}")
         return True
 
-    async def _pull(self, seq: _Sequence) -> None:
+    async def _pull(self, seq: EngineSequence) -> None:
         handoff, alloc, kv = seq.handoff, seq.alloc, seq.kv
         assert handoff is not None and alloc is not None and kv is not None
         started = time.perf_counter()
@@ -335,7 +300,7 @@ class EngineCore:
         self._wake()
 
     # -- per-sequence work ----------------------------------------------------------
-    def _guarded(self, seq: _Sequence, fn: Callable[..., int | None], *args: object) -> int | None:
+    def _guarded(self, seq: EngineSequence, fn: Callable[..., int | None], *args: object) -> int | None:
         """Run one sequence's work; a failure ends that sequence only, with a typed error."""
         try:
             return fn(*args)
@@ -343,7 +308,7 @@ class EngineCore:
             self._fail(seq, as_request_error(exc))
             return None
 
-    def _prefill(self, seq: _Sequence) -> int:
+    def _prefill(self, seq: EngineSequence) -> int:
         """Write the prompt's uncached K/V and compute the first token; returns tokens computed."""
         alloc, kv = seq.alloc, seq.kv
         assert alloc is not None and kv is not None
@@ -357,11 +322,11 @@ class EngineCore:
         seq.pending = self.model.next_token(self.store, kv)
         return max(1, len(ids) - alloc.cached_tokens)
 
-    def _decode(self, seqs: list[_Sequence]) -> int:
+    def _decode(self, seqs: list[EngineSequence]) -> int:
         """Write each sequence's last accepted token and compute its next, as one batched model
         call (per-sequence numpy calls cost ~120 us each, more than a modelled decode step can
         hide at batch 64); returns the KV tokens attended."""
-        batch: list[_Sequence] = []
+        batch: list[EngineSequence] = []
         for seq in seqs:
             if self._guarded(seq, self._grow, seq):
                 batch.append(seq)
@@ -385,7 +350,7 @@ class EngineCore:
             attended += seq.kv.length  # type: ignore[union-attr]
         return attended
 
-    def _grow(self, seq: _Sequence) -> bool:
+    def _grow(self, seq: EngineSequence) -> bool:
         """Room in the sequence's blocks for the slot this step writes."""
         alloc, kv = seq.alloc, seq.kv
         assert alloc is not None and kv is not None
@@ -393,13 +358,13 @@ class EngineCore:
         seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
         return True
 
-    def _accept_first(self, seq: _Sequence, now: int) -> None:
+    def _accept_first(self, seq: EngineSequence, now: int) -> None:
         if seq.request.request_type is RequestType.CONTEXT_ONLY:
             self._finish_context(seq, now)
         else:
             self._accept(seq, now)
 
-    def _finish_context(self, seq: _Sequence, now: int) -> None:
+    def _finish_context(self, seq: EngineSequence, now: int) -> None:
         """A context-only request ends here: one final output with the first token and the handoff."""
         req, alloc, first = seq.request, seq.alloc, seq.pending
         assert alloc is not None and first is not None
@@ -415,11 +380,11 @@ class EngineCore:
                 layout=self.config.layout, host=self.config.kv_transfer_host, port=self.server.port,
                 host_id=self._host_id, shm_name=self.store.shm_name,
             ).encode()  # fmt: skip
-        output = self._output(seq, tokens, now, context_phase_params=blob)
+        output = output_for(seq, tokens, now, context_phase_params=blob)
         self._finish(seq)
         self._deliver(seq, output, final=True)
 
-    def _accept(self, seq: _Sequence, now: int) -> None:
+    def _accept(self, seq: EngineSequence, now: int) -> None:
         req, token = seq.request, seq.pending
         assert token is not None
         ended = req.stop.is_end(token)
@@ -432,22 +397,22 @@ class EngineCore:
             new = tuple(seq.generated[seq.sent :])
             seq.sent = len(seq.generated)
             if new or done:
-                output = self._output(seq, new, now)
+                output = output_for(seq, new, now)
         elif done:
             body = tuple(seq.generated)
             if not req.exclude_input_in_output:
                 body = req.input_ids + body
-            output = self._output(seq, body, now)
+            output = output_for(seq, body, now)
         if done:
             self._finish(seq)
         if output is not None:
             self._deliver(seq, output, final=done)
 
-    def _deliver(self, seq: _Sequence, output: EngineOutput, final: bool) -> None:
+    def _deliver(self, seq: EngineSequence, output: EngineOutput, final: bool) -> None:
         seq.closed = final
         seq.sink.send(output, final)
 
-    def _finish(self, seq: _Sequence) -> None:
+    def _finish(self, seq: EngineSequence) -> None:
         """End a sequence and give back its blocks (idempotent; the loop drops it from the batch)."""
         seq.done = True
         if seq.pull is not None and not seq.pull.done() and seq.pull is not asyncio.current_task():
@@ -458,7 +423,7 @@ class EngineCore:
             seq.alloc = None
         self._wake()
 
-    def _fail(self, seq: _Sequence, error: RequestError) -> None:
+    def _fail(self, seq: EngineSequence, error: RequestError) -> None:
         self._finish(seq)
         if seq.closed:
             return
@@ -487,24 +452,3 @@ class EngineCore:
         if any(s.done for s in self._ready):
             self._ready = deque(s for s in self._ready if not s.done)
         self._running = [s for s in self._running if not s.done]
-
-    def _output(self, seq: _Sequence, tokens: tuple[int, ...], now: int, context_phase_params: bytes | None = None) -> EngineOutput:
-        perf = None
-        if seq.request.return_perf_metrics:
-            new, reused, total = seq.kv_stats
-            perf = PerfMetrics(
-                arrival_time_ns=seq.arrival_ns,
-                first_scheduled_time_ns=seq.first_scheduled_ns,
-                first_token_time_ns=seq.first_token_ns,
-                last_token_time_ns=now,
-                kv_cache_alloc_new_blocks=new,
-                kv_cache_reused_blocks=reused,
-                kv_cache_alloc_total_blocks=total,
-            )
-        return EngineOutput(
-            tokens=tokens,
-            context_phase_params=context_phase_params,
-            perf=perf,
-            num_input_tokens=seq.prompt_tokens,
-            num_output_tokens=len(seq.generated),
-        )
