@@ -1,49 +1,175 @@
-"""The orchestrator's configuration, parsed once at model load.
+"""The orchestrator's configuration, parsed once at model load (config.pbtxt `parameters`).
 
-Keys (config.pbtxt `parameters`, string values):
+Pools (each entry is an engine model in this Triton server, `context_0`, or one on another
+server, `grpc://host:port/context_0`):
+- `context_engines`, `generation_engines`: comma-separated (required unless `pool_file`
+  supplies them).
+- `pool_file` (""): a JSON file `{"context_engines": [...], "generation_engines": [...]}`,
+  relative to the orchestrator's model directory or absolute. When set it is the
+  membership: read at load (must exist and be valid), re-read when it changes
+  (`pool_poll_s`, 1.0), so engines join and leave without a restart.
 
-- `context_engines`: comma-separated engine model names of the context pool (required).
-- `generation_engines`: comma-separated engine model names of the generation pool (required).
-- `context_policy`, `generation_policy`: routing policy names (default `round_robin`).
+Routing (`orchestrator.routing`):
+- `context_policy`, `generation_policy` (round_robin): round_robin, least_loaded,
+  kv_aware, power_of_two, random.
+- `routing_seed` (0): seeds power_of_two and random.
+- `kv_weight` (1.0): kv_aware's price of one uncached prompt block, in in-flight blocks.
+- `load_metric` (requests): least_loaded / power_of_two count requests or tokens.
+- `tokens_per_block` (32): the engines' KV block size, for the router's block hashes.
+- `prefix_index_blocks` (4096): blocks the router remembers per engine.
+- `log_routing` (false): log every decision (phase, policy, engine, matched blocks).
+
+Conditional disaggregation (both off at 0): the whole request goes to the generation
+engine, skipping the context hop, when
+- `local_prefill_max_tokens`: its prompt tokens not cached on the chosen generation
+  engine are at most this many, or
+- `context_queue_threshold`: every eligible context engine already has at least this
+  many context phases in flight.
+
+Failures (`orchestrator.health`):
+- `max_retries` (2): further engines tried per phase after a failure.
+- `engine_timeout_s` (60): the longest wait for one reply of an engine.
+- `breaker_failures` (1), `breaker_backoff_s` (1.0), `breaker_backoff_max_s` (30):
+  consecutive failures that mark an engine unhealthy, and how long it is skipped (doubling).
+- `health_check_s` (2.0): how often engines' readiness is probed (0: never).
 
 Every error names the key and says what to write instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
 
-from orchestrator.routing import POLICIES
+from orchestrator.endpoints import parse_endpoint
+from orchestrator.health import BreakerSettings
+from orchestrator.params import typed_values
+from orchestrator.routing import POLICIES, PolicyOptions
 
 
-def _engine_list(params: Mapping[str, str], key: str) -> tuple[str, ...]:
-    raw = params.get(key, "")
-    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+def _engine_list(raw: Any, key: str) -> tuple[str, ...]:
+    """A pool from a comma-separated string or a JSON list; every entry must parse."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) for n in items):
+        raise ValueError(f"'{key}' must be a list of engine names, got {raw!r}")
+    names = tuple(n.strip() for n in items if n.strip())
     if not names:
-        raise ValueError(f"orchestrator parameter '{key}' must list at least one engine model, e.g. 'context_0,context_1'")
+        raise ValueError(f"'{key}' must list at least one engine model, e.g. 'context_0,context_1'")
     if len(set(names)) != len(names):
-        raise ValueError(f"orchestrator parameter '{key}' lists an engine twice: {raw!r}")
+        raise ValueError(f"'{key}' lists an engine twice: {raw!r}")
+    for name in names:
+        try:
+            parse_endpoint(name)
+        except ValueError as exc:
+            raise ValueError(f"'{key}': {exc}") from None
     return names
 
 
 @dataclass(frozen=True, slots=True)
-class OrchestratorConfig:
+class Pools:
+    """Pool membership: the only part of the config that may change while serving."""
+
     context_engines: tuple[str, ...]
     generation_engines: tuple[str, ...]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str) -> "Pools":
+        try:
+            return cls(
+                context_engines=_engine_list(data.get("context_engines", ""), "context_engines"),
+                generation_engines=_engine_list(data.get("generation_engines", ""), "generation_engines"),
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Pools":
+        """Read a pool file; errors name the file and what is wrong in it."""
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"pool_file {path}: cannot read it ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"pool_file {path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'pool_file {path}: must hold an object {{"context_engines": [...], "generation_engines": [...]}}')
+        return cls.from_mapping(data, f"pool_file {path}")
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorConfig:
+    context_engines: tuple[str, ...] = ()
+    generation_engines: tuple[str, ...] = ()
+    pool_file: str = ""
+    pool_poll_s: float = 1.0
     context_policy: str = "round_robin"
     generation_policy: str = "round_robin"
+    routing_seed: int = 0
+    kv_weight: float = 1.0
+    load_metric: str = "requests"
+    tokens_per_block: int = 32
+    prefix_index_blocks: int = 4096
+    log_routing: bool = False
+    local_prefill_max_tokens: int = 0
+    context_queue_threshold: int = 0
+    max_retries: int = 2
+    engine_timeout_s: float = 60.0
+    breaker_failures: int = 1
+    breaker_backoff_s: float = 1.0
+    breaker_backoff_max_s: float = 30.0
+    health_check_s: float = 2.0
 
     def __post_init__(self) -> None:
+        _engine_list(list(self.context_engines), "context_engines")
+        _engine_list(list(self.generation_engines), "generation_engines")
         for key in ("context_policy", "generation_policy"):
             if getattr(self, key) not in POLICIES:
                 raise ValueError(f"orchestrator parameter '{key}': unknown policy {getattr(self, key)!r}; choose one of {sorted(POLICIES)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and not value >= 0:
+                raise ValueError(f"orchestrator parameter '{f.name}' must be >= 0, got {value}")
+        for key in ("tokens_per_block", "prefix_index_blocks", "breaker_failures"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"orchestrator parameter '{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("engine_timeout_s", "breaker_backoff_s", "pool_poll_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"orchestrator parameter '{key}' must be > 0, got {getattr(self, key)}")
+        if self.breaker_backoff_max_s < self.breaker_backoff_s:
+            raise ValueError("orchestrator parameter 'breaker_backoff_max_s' must be >= breaker_backoff_s")
+        try:
+            self.policy_options
+        except ValueError as exc:
+            raise ValueError(f"orchestrator parameter {exc}") from None
+
+    @property
+    def pools(self) -> Pools:
+        return Pools(self.context_engines, self.generation_engines)
+
+    @property
+    def policy_options(self) -> PolicyOptions:
+        return PolicyOptions(seed=self.routing_seed, kv_weight=self.kv_weight, load_metric=self.load_metric)
+
+    @property
+    def breaker(self) -> BreakerSettings:
+        return BreakerSettings(self.breaker_failures, self.breaker_backoff_s, self.breaker_backoff_max_s)
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> "OrchestratorConfig":
-        return cls(
-            context_engines=_engine_list(params, "context_engines"),
-            generation_engines=_engine_list(params, "generation_engines"),
-            context_policy=params.get("context_policy", "round_robin").strip(),
-            generation_policy=params.get("generation_policy", "round_robin").strip(),
-        )
+    def from_parameters(cls, params: Mapping[str, str], model_dir: Path | None = None) -> "OrchestratorConfig":
+        """Parse config.pbtxt parameters; with `pool_file`, the file supplies the pools."""
+        values = typed_values(cls, {k: v for k, v in params.items() if not k.endswith("_engines")}, "orchestrator")
+        pool_file = values.get("pool_file", "")
+        if pool_file:
+            path = Path(pool_file)
+            if not path.is_absolute() and model_dir is not None:
+                path = model_dir / path
+            values["pool_file"] = str(path)
+            try:
+                pools = Pools.from_file(path)
+            except ValueError as exc:
+                raise ValueError(f"orchestrator parameter {exc}") from None
+        else:
+            pools = Pools.from_mapping(params, "orchestrator parameter")
+        return cls(context_engines=pools.context_engines, generation_engines=pools.generation_engines, **values)

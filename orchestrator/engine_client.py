@@ -31,7 +31,13 @@ class EngineReply:
 class EngineClient(Protocol):
     def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]: ...
+    ) -> AsyncIterator[EngineReply]:
+        """One child request; closing the iterator early abandons (and where possible cancels) it."""
+        ...
+
+    async def is_ready(self, engine: str) -> bool:
+        """Whether the engine is loaded and ready to take requests (the readiness probe)."""
+        ...
 
 
 class InProcessEngineClient:
@@ -39,6 +45,10 @@ class InProcessEngineClient:
 
     def __init__(self, engines: Mapping[str, Any]) -> None:
         self.engines = dict(engines)
+
+    async def is_ready(self, engine: str) -> bool:
+        core = self.engines.get(engine)
+        return core is not None and not core.closed
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
@@ -48,6 +58,7 @@ class InProcessEngineClient:
             yield EngineReply(error=RequestError(f"engine '{engine}' is not loaded", ErrorCode.UNAVAILABLE))
             return
         queue: asyncio.Queue[tuple[EngineReply, bool]] = asyncio.Queue()
+        abandoned = False  # the consumer stopped listening: the engine sees a cancellation
 
         class _Sink:
             def __init__(self, request: EngineRequest) -> None:
@@ -60,7 +71,7 @@ class InProcessEngineClient:
                 queue.put_nowait((EngineReply(error=error), True))
 
             def cancelled(self) -> bool:
-                return False
+                return abandoned
 
         try:
             await core.start()
@@ -69,8 +80,11 @@ class InProcessEngineClient:
         except RequestError as exc:
             yield EngineReply(error=exc)
             return
-        while True:
-            reply, final = await queue.get()
-            yield reply
-            if final:
-                return
+        try:
+            while True:
+                reply, final = await queue.get()
+                yield reply
+                if final:
+                    return
+        finally:
+            abandoned = True

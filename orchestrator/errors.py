@@ -3,6 +3,9 @@
     RequestError(code, message)      every error that ends a request
     ├── InvalidInput                 INVALID_ARG: the client must change the request
     ├── EngineUnavailable            UNAVAILABLE: an engine failed or is gone; retrying may work
+    ├── KVCacheGone                  NOT_FOUND: a generation engine could not fetch the context
+    │                                phase's KV (lease expired or pulled, source unreachable);
+    │                                the orchestrator re-runs the context phase
     ├── RequestCancelled             CANCELLED: the client (or stop=true) ended it
     └── InternalError                INTERNAL: a bug of ours; the message never carries a traceback
 
@@ -47,6 +50,10 @@ class InvalidInput(RequestError, ValueError):
 
 class EngineUnavailable(RequestError):
     code = ErrorCode.UNAVAILABLE
+
+
+class KVCacheGone(RequestError):
+    code = ErrorCode.NOT_FOUND
 
 
 class RequestCancelled(RequestError):

@@ -2,16 +2,25 @@
 
 For each request (all requests run concurrently, one asyncio task each):
 
-1. pick a context engine, send the inputs with `request_type=context_only` (non-streaming)
-   and wait for its single response: the first token and the opaque
-   `context_phase_params` blob;
-2. when streaming, send the first token to the client at once (TTFT is the context
-   phase, not the context phase plus a generation round trip);
-3. unless the context phase already finished the request, pick a generation engine and
-   send the same inputs plus the blob, unchanged, with `request_type=generation_only`; its
-   first reply repeats the first token, which is dropped;
-4. end with exactly one final response: the last tokens carry the final flag when the
-   stop rule recognises them as last, otherwise a closing response follows the stream.
+1. the router (`orchestrator.router`) picks a generation engine, then decides whether the
+   context hop pays: a prompt that is short once its cached part is subtracted, or a
+   saturated context pool, runs both phases on that generation engine (conditional
+   disaggregation) and skips to 4;
+2. it picks a context engine; the inputs go there with `request_type=context_only`
+   (non-streaming); its single response has the first token and the opaque
+   `context_phase_params` blob. When streaming, the first token goes to the client at once
+   (TTFT is the context phase, not the context phase plus a generation round trip);
+3. unless that already finished the request, the same inputs plus the blob, unchanged, go
+   to the generation engine with `request_type=generation_only`; its first reply repeats
+   the first token, which is dropped;
+4. exactly one final response ends it: the last tokens carry the final flag when the stop
+   rule recognises them as last, otherwise a closing response follows the stream.
+
+Failures: an engine that errors or stays silent for `engine_timeout_s` is reported to the
+router (its circuit breaker) and the phase is retried on another engine, at most
+`max_retries` times: a context phase always, a generation phase while no generated token
+has reached the client (a lost KV lease, NOT_FOUND, re-runs the context phase first).
+After that the client gets UNAVAILABLE as its final response.
 
 Every response also carries a detokenization window (`detok_window`, see
 `orchestrator.detokenize`) so the stateless postprocessing step renders exact text deltas.
@@ -24,16 +33,18 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
 
 import numpy as np
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.contract import FORWARDED_INPUTS, EngineOutput, EngineRequest, PerfMetrics, RequestType, with_batch_dim
 from orchestrator.detokenize import DetokWindow, prompt_window
-from orchestrator.engine_client import EngineClient
+from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import EngineUnavailable, ErrorCode, RequestError, as_request_error
-from orchestrator.routing import RoutingPolicy, make_policy
+from orchestrator.membership import Membership
+from orchestrator.router import Phase, RouteDecision, Router
+from orchestrator.routing import RouteRequest
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -55,6 +66,7 @@ class _Progress:
     detok: DetokWindow
     generated: list[int] = field(default_factory=list)
     closed: bool = False
+    sent: int = 0  # responses sent to the client so far
     arrival_ns: int = 0
     first_scheduled_ns: int = 0
     first_token_ns: int = 0
@@ -70,6 +82,11 @@ class _Progress:
         return self.request.stop.finished(self.generated) is not None
 
 
+def _child_id(key: str, phase: str, attempt: int) -> str:
+    """A child request id per attempt: a retry is a fresh request to its engine."""
+    return f"{key}:{phase}" if attempt == 0 else f"{key}:{phase}{attempt}"
+
+
 def _kv_counts(perf: PerfMetrics) -> tuple[int, int, int]:
     return perf.kv_cache_alloc_new_blocks, perf.kv_cache_reused_blocks, perf.kv_cache_alloc_total_blocks
 
@@ -81,25 +98,54 @@ def _child_inputs(tensors: Tensors, streaming: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def _engine_failure(engine: str, phase: str, error: RequestError) -> RequestError:
-    """Client mistakes reported by an engine stay INVALID_ARG; anything else is UNAVAILABLE."""
-    if error.code is ErrorCode.INVALID_ARG:
-        return error
-    return EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}")
+class _PhaseFailed(Exception):
+    """A phase attempt failed; `engine_fault` says whether the engine is to blame (health)."""
+
+    def __init__(self, error: RequestError, engine_fault: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.engine_fault = engine_fault
+
+
+def _engine_failure(engine: str, phase: str, error: RequestError) -> _PhaseFailed:
+    """Client mistakes (INVALID_ARG) and cancellations pass through as they are; KV that is
+    gone (NOT_FOUND) is nobody's fault here; anything else is the engine's: UNAVAILABLE."""
+    if error.code in (ErrorCode.INVALID_ARG, ErrorCode.CANCELLED, ErrorCode.NOT_FOUND):
+        return _PhaseFailed(error, engine_fault=False)
+    return _PhaseFailed(EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}"), engine_fault=True)
+
+
+def _retryable(failure: _PhaseFailed) -> bool:
+    return failure.engine_fault or failure.error.code is ErrorCode.NOT_FOUND
 
 
 class Orchestrator:
     """Runs requests through the context and generation pools; one instance per model instance."""
 
-    def __init__(self, config: OrchestratorConfig, client: EngineClient) -> None:
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        client: EngineClient,
+        router: Router | None = None,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
         self.config = config
         self.client = client
-        self.context_policy: RoutingPolicy = make_policy(config.context_policy, "context_policy")
-        self.generation_policy: RoutingPolicy = make_policy(config.generation_policy, "generation_policy")
+        self.router = router or Router(config)
+        self.membership = Membership(self.router, client, config, log)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+
+    async def close(self) -> None:
+        """Cancel what is in flight (each request ends CANCELLED) and stop the membership task."""
+        tasks = list(self.in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.membership.stop()
 
     def start(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink) -> asyncio.Task[None]:
         """Serve a request in its own task; the task is kept until it ends (no GC, no leak)."""
+        self.membership.ensure_started()
         key = request.request_id or uuid.uuid4().hex
         while key in self.in_flight:
             key = f"{key}+"
@@ -118,19 +164,21 @@ class Orchestrator:
         except asyncio.CancelledError:
             self._fail(progress, RequestError("request cancelled", ErrorCode.CANCELLED))
             raise
+        except _PhaseFailed as failure:
+            self._fail(progress, failure.error)
         except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
             self._fail(progress, as_request_error(exc))
 
     async def _run(self, p: _Progress, tensors: Tensors, key: str) -> None:
         req = p.request
-        engine = self.context_policy.select(self.config.context_engines, key)
-        context = await self._context_phase(engine, tensors, f"{key}:ctx")
-        if context.perf is not None:
-            if context.perf.arrival_time_ns:  # the earlier of the two clocks' views of arrival
-                p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns)
-            p.first_scheduled_ns = context.perf.first_scheduled_time_ns
-            p.kv_context = _kv_counts(context.perf)
-        p.first_token_ns = time.time_ns()
+        route = self.router.request(key, req.input_ids, req.stop.max_new_tokens)
+        generation = self.router.pick(Phase.GENERATION, route)
+        local = self.router.local_reason(generation, route)
+        self.router.count_path(local)
+        if local is not None:  # conditional disaggregation: both phases on the generation engine
+            await self._generation(p, tensors, route, generation, None, key)
+            return
+        context = await self._context(p, tensors, route, key)
         if not context.tokens:
             return  # the first token was the end token: nothing to generate
         first = context.tokens[-1]
@@ -140,11 +188,112 @@ class Orchestrator:
             self._emit(p, (first,), final=done)
         if done:
             return
-        engine = self.generation_policy.select(self.config.generation_engines, key)
+        await self._generation(p, tensors, route, generation, context.context_phase_params, key)
+
+    # -- context phase -------------------------------------------------------------------
+    async def _context(self, p: _Progress, tensors: Tensors, route: RouteRequest, key: str) -> EngineOutput:
+        """The context phase, retried on other context engines when one fails."""
+        tried: list[str] = []
+        last: _PhaseFailed | None = None
+        for attempt in range(self.config.max_retries + 1):
+            decision = self._pick(Phase.CONTEXT, route, tried, attempt, last)
+            tried.append(decision.engine)
+            try:
+                with self.router.track(decision, route.prompt_tokens):
+                    context = await self._context_attempt(decision.engine, tensors, _child_id(key, "ctx", attempt))
+            except _PhaseFailed as failure:
+                if failure.engine_fault:
+                    self.router.failure(decision)
+                if not _retryable(failure) or attempt == self.config.max_retries:
+                    raise
+                last = failure
+                continue
+            self.router.success(decision)
+            self._note_context(p, context)
+            return context
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _pick(
+        self, phase: Phase, route: RouteRequest, tried: list[str], attempt: int, last: _PhaseFailed | None
+    ) -> RouteDecision:
+        """The next engine for an attempt; with none left, the last engine's error is the answer."""
+        try:
+            return self.router.pick(phase, route, tried, attempt)
+        except EngineUnavailable:
+            if last is not None:
+                raise last from None
+            raise
+
+    async def _context_attempt(self, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
+        params = {"request_type": RequestType.CONTEXT_ONLY.value}
+        result: EngineOutput | None = None
+        async for reply in self._replies(engine, "context", _child_inputs(tensors, False), params, child_id):
+            if reply.error is not None:
+                raise _engine_failure(engine, "context", reply.error)
+            if result is None:
+                result = EngineOutput.from_tensors(reply.tensors or {})
+        if result is None:
+            raise _PhaseFailed(EngineUnavailable(f"context phase on engine '{engine}' ended without a response"), True)
+        return result
+
+    def _note_context(self, p: _Progress, context: EngineOutput) -> None:
+        if context.perf is not None:
+            if context.perf.arrival_time_ns:  # the earlier of the two clocks' views of arrival
+                p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns)
+            if not p.first_scheduled_ns:
+                p.first_scheduled_ns = context.perf.first_scheduled_time_ns
+            p.kv_context = _kv_counts(context.perf)
+        if not p.first_token_ns:
+            p.first_token_ns = time.time_ns()
+
+    # -- generation phase (or both phases, without a blob) -----------------------------------
+    async def _generation(
+        self, p: _Progress, tensors: Tensors, route: RouteRequest, decision: RouteDecision, blob: bytes | None, key: str
+    ) -> None:
+        """Generation, retried on other engines while no generated token reached the client.
+
+        When the KV lease is gone (NOT_FOUND), the context phase runs again for a new blob.
+        """
+        tried: list[str] = []
+        last: _PhaseFailed | None = None
+        sent_before = p.sent
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                decision = self._pick(Phase.GENERATION, route, tried, attempt, last)
+            try:
+                with self.router.track(decision, route.prompt_tokens + route.max_tokens):
+                    await self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
+            except _PhaseFailed as failure:
+                if failure.engine_fault:
+                    self.router.failure(decision)
+                    tried.append(decision.engine)
+                if not _retryable(failure) or attempt == self.config.max_retries or p.sent != sent_before:
+                    if p.sent != sent_before and _retryable(failure):
+                        failure.error.message += " (after tokens were streamed: not retried)"
+                    raise
+                last = failure
+                p.generated = p.generated[: 1 if blob is not None else 0]
+                if failure.error.code is ErrorCode.NOT_FOUND and blob is not None:
+                    blob = await self._rerun_context(p, tensors, route, key)
+                continue
+            self.router.success(decision)
+            return
+
+    async def _rerun_context(self, p: _Progress, tensors: Tensors, route: RouteRequest, key: str) -> bytes:
+        context = await self._context(p, tensors, route, f"{key}:again")
+        if not context.tokens or context.tokens[-1] != p.generated[0] or context.context_phase_params is None:
+            raise EngineUnavailable("the context phase, run again after its KV cache was lost, gave a different result")
+        return context.context_phase_params
+
+    async def _generation_attempt(self, p: _Progress, tensors: Tensors, engine: str, blob: bytes | None, child_id: str) -> None:
+        req = p.request
         gen_tensors = _child_inputs(tensors, req.streaming)
-        gen_tensors["context_phase_params"] = np.frombuffer(context.context_phase_params, dtype=np.uint8).reshape(1, -1)
-        repeat_pending = True
-        async for reply in self.client.stream(engine, gen_tensors, {"request_type": RequestType.GENERATION_ONLY.value}, f"{key}:gen"):
+        params: dict[str, str] = {}
+        if blob is not None:
+            gen_tensors["context_phase_params"] = np.frombuffer(blob, dtype=np.uint8).reshape(1, -1)
+            params["request_type"] = RequestType.GENERATION_ONLY.value
+        repeat_pending = blob is not None  # the generation engine repeats the context's first token
+        async for reply in self._replies(engine, "generation", gen_tensors, params, child_id):
             if p.closed:
                 continue  # drain: the engine's stream ends by itself after its final reply
             if reply.error is not None:
@@ -152,33 +301,45 @@ class Orchestrator:
             output = EngineOutput.from_tensors(reply.tensors or {})
             if output.perf is not None:
                 p.kv_generation = _kv_counts(output.perf)
+                if blob is None and not p.first_scheduled_ns:
+                    p.first_scheduled_ns = output.perf.first_scheduled_time_ns
             tokens = output.tokens
             if repeat_pending and tokens:
                 repeat_pending = False
-                if tokens[0] == first:
+                if tokens[0] == p.generated[0]:
                     tokens = tokens[1:]
+            if tokens and not p.first_token_ns:
+                p.first_token_ns = time.time_ns()
             p.generated.extend(tokens)
             done = p.finished()
             if req.streaming and (tokens or done):
                 self._emit(p, tokens, final=done)
 
-    async def _context_phase(self, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
-        params = {"request_type": RequestType.CONTEXT_ONLY.value}
-        result: EngineOutput | None = None
-        async for reply in self.client.stream(engine, _child_inputs(tensors, False), params, child_id):
-            if reply.error is not None:
-                raise _engine_failure(engine, "context", reply.error)
-            if result is None:
-                result = EngineOutput.from_tensors(reply.tensors or {})
-        if result is None:
-            raise EngineUnavailable(f"context phase on engine '{engine}' ended without a response")
-        return result
+    async def _replies(
+        self, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
+    ) -> AsyncIterator[EngineReply]:
+        """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one)."""
+        stream = self.client.stream(engine, tensors, params, child_id)
+        timeout = self.config.engine_timeout_s
+        try:
+            while True:
+                try:
+                    reply = await asyncio.wait_for(anext(stream), timeout)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': no reply in {timeout:g}s")
+                    raise _PhaseFailed(error, engine_fault=True) from None
+                yield reply
+        finally:
+            await stream.aclose()
 
     # -- responses ------------------------------------------------------------------
     def _emit(self, p: _Progress, new: tuple[int, ...] | list[int], final: bool) -> None:
         """A streaming delta: the new tokens and their detokenization window."""
         tensors = self._tensors(p, tuple(new), p.detok.window(new, final=final))
         p.closed = final
+        p.sent += 1
         p.sink.send(tensors, final)
 
     def _close(self, p: _Progress) -> None:

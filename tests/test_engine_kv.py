@@ -117,7 +117,7 @@ def test_corrupted_transfer_changes_the_output(how: str) -> None:
 
 
 def test_unpulled_lease_expires_and_frees_its_blocks() -> None:
-    """A handoff nobody pulls is released after kv_lease_timeout_s; pulling it later is UNAVAILABLE."""
+    """A handoff nobody pulls is released after kv_lease_timeout_s; pulling it later is NOT_FOUND (the KV is gone)."""
 
     async def body() -> None:
         ctx, gen = new_core("ctx", kv_lease_timeout_s=0.2, tokens_per_block=4), new_core("gen", tokens_per_block=4)
@@ -128,7 +128,7 @@ def test_unpulled_lease_expires_and_frees_its_blocks() -> None:
         sink = await submit(gen, request(PROMPT, request_type=RequestType.GENERATION_ONLY, blob=blob))
         await sink.done.wait()
         error = sink.assert_failed()
-        assert error.code is ErrorCode.UNAVAILABLE and "no such lease" in str(error)
+        assert error.code is ErrorCode.NOT_FOUND and "no such lease" in str(error)
 
     run(body)
 
@@ -143,13 +143,13 @@ def test_a_lease_is_pulled_once() -> None:
         await complete(gen, req)
         again = await submit(gen, req)
         await again.done.wait()
-        assert again.assert_failed().code is ErrorCode.UNAVAILABLE
+        assert again.assert_failed().code is ErrorCode.NOT_FOUND
 
     run(body)
 
 
 def test_unreachable_context_engine_is_unavailable() -> None:
-    """A handoff whose transfer server is gone fails the generation request with UNAVAILABLE."""
+    """A handoff whose transfer server is gone fails the generation request with NOT_FOUND."""
 
     async def body() -> None:
         ctx, gen = new_core("ctx"), new_core("gen", kv_transport="tcp")
@@ -158,7 +158,7 @@ def test_unreachable_context_engine_is_unavailable() -> None:
         sink = await submit(gen, request(PROMPT, request_type=RequestType.GENERATION_ONLY, blob=blob))
         await sink.done.wait()
         error = sink.assert_failed()
-        assert error.code is ErrorCode.UNAVAILABLE and "KV transfer server of 'ctx'" in str(error)
+        assert error.code is ErrorCode.NOT_FOUND and "KV transfer server of 'ctx'" in str(error)
 
     run(body)
 

@@ -22,6 +22,13 @@ KV cache (`kv_cache.py`, `block_pool.py`):
 - `cancel_check_ms` (50): how often the loop asks whether clients cancelled; each check is
   an IPC round trip per request in the python backend, so not every step.
 
+Fault injection (for failover tests and drills; a real engine has no such keys):
+- `fault` (none | fail | stall): `fail` answers every affected request with an
+  UNAVAILABLE error at once; `stall` accepts it and never answers until the client
+  cancels or the engine shuts down (a hung engine).
+- `fault_phase` (any | context | generation): which requests are affected
+  (context_only, generation_only, or every request including aggregate ones).
+
 Cost model: a step lasts
 
     step_overhead_ms + prefill_us_per_token * prefill tokens
@@ -48,9 +55,11 @@ from dataclasses import dataclass, fields
 from typing import Mapping
 
 from orchestrator.engine.kv_layout import Geometry, Layout
+from orchestrator.params import typed_values
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 TRANSPORT_NAMES = ("auto", "tcp", "shm")
+FAULTS = ("none", "fail", "stall")
+FAULT_PHASES = ("any", "context", "generation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     cancel_check_ms: float = 50.0
+    fault: str = "none"
+    fault_phase: str = "any"
     step_overhead_ms: float = 0.5
     prefill_us_per_token: float = 32.0
     decode_ms_per_step: float = 6.0
@@ -83,6 +94,9 @@ class EngineConfig:
                 raise ValueError(f"engine parameter '{f.name}' must be >= 0, got {value}")
         if self.kv_transport not in TRANSPORT_NAMES:
             raise ValueError(f"engine parameter 'kv_transport' must be one of {list(TRANSPORT_NAMES)}, got {self.kv_transport!r}")
+        for key, choices in (("fault", FAULTS), ("fault_phase", FAULT_PHASES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"engine parameter '{key}' must be one of {list(choices)}, got {getattr(self, key)!r}")
         if self.kv_lease_timeout_s <= 0:
             raise ValueError(f"engine parameter 'kv_lease_timeout_s' must be > 0, got {self.kv_lease_timeout_s}")
         if self.max_tokens_in_paged_kv_cache < self.tokens_per_block:
@@ -110,26 +124,7 @@ class EngineConfig:
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> "EngineConfig":
         """Build from string parameters; a bad value is an error that names its key."""
-        known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, int | float | bool | str] = {}
-        for key, raw in params.items():
-            kind = known.get(key)
-            if kind is None:
-                continue  # other backends' keys (e.g. tensorrtllm's) may share the block
-            text = str(raw).strip()
-            try:
-                if kind == "bool":
-                    if text.lower() not in _TRUE | _FALSE:
-                        raise ValueError
-                    values[key] = text.lower() in _TRUE
-                elif kind == "int":
-                    values[key] = int(text)
-                elif kind == "float":
-                    values[key] = float(text)
-                else:
-                    values[key] = text
-            except ValueError:
-                raise ValueError(f"engine parameter '{key}' must be a {kind}, got {raw!r}") from None
+        values = typed_values(cls, params, "engine")
         return cls(**values)  # type: ignore[arg-type]
 
     @classmethod

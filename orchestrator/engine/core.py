@@ -69,6 +69,7 @@ class EngineCore:
         self._pulling: set[EngineSequence] = set()
         self._ready: deque[EngineSequence] = deque()  # KV arrived, waiting for a batch slot
         self._running: list[EngineSequence] = []
+        self._stalled: list[EngineSequence] = []  # fault=stall: held, never answered
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()  # something finished or was released (wait_idle listens)
         self._task: asyncio.Task[None] | None = None
@@ -93,8 +94,9 @@ class EngineCore:
         if self._task is not None:
             self._task.cancel()
         error = RequestError(f"engine '{self.name}' is shutting down", ErrorCode.UNAVAILABLE)
-        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running]:
+        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]:
             self._fail(seq, error)
+        self._stalled.clear()
         self._waiting.clear()
         self._ready.clear()
         self._running.clear()
@@ -103,6 +105,10 @@ class EngineCore:
         close_transport(self.transport)
         self.store.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- intake ---------------------------------------------------------------------
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         """Queue a request; raises InvalidInput (nothing queued) when it cannot be served."""
@@ -110,6 +116,9 @@ class EngineCore:
             raise RequestError(f"engine '{self.name}' is shut down", ErrorCode.UNAVAILABLE)
         if request.request_type is RequestType.CONTEXT_ONLY and not (self._started and self._started.done()):
             raise RequestError(f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL)
+        fault = self._fault(request)
+        if fault == "fail":
+            raise RequestError(f"engine '{self.name}' failed the request (injected fault)", ErrorCode.UNAVAILABLE)
         ids = request.input_ids
         if len(ids) > self.config.max_input_len:
             raise InvalidInput(
@@ -127,9 +136,21 @@ class EngineCore:
         seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids))
         if request.request_type is RequestType.GENERATION_ONLY:
             seq.handoff = self._accept_handoff(request)
+        if fault == "stall":
+            self._stalled.append(seq)
+            self._ensure_loop()  # its cancellation poll ends the stalled request
+            return
         self._waiting.append(seq)
         self._ensure_loop()
         self._wake()
+
+    def _fault(self, request: EngineRequest) -> str:
+        """The injected fault that applies to this request ('none' when it is served)."""
+        phase = self.config.fault_phase
+        if self.config.fault == "none" or phase == "any":
+            return self.config.fault
+        affected = RequestType.CONTEXT_ONLY if phase == "context" else RequestType.GENERATION_ONLY
+        return self.config.fault if request.request_type is affected else "none"
 
     def _max_slots(self, request: EngineRequest) -> int:
         """KV slots the request may fill here (GUARANTEED_NO_EVICT reserves them all)."""
@@ -156,7 +177,7 @@ class EngineCore:
     @property
     def active(self) -> int:
         """Requests not yet finished (queued, pulling, ready or running)."""
-        return len(self._waiting) + len(self._pulling) + len(self._ready) + len(self._running)
+        return len(self._waiting) + len(self._pulling) + len(self._ready) + len(self._running) + len(self._stalled)
 
     def check_idle(self) -> None:
         """Assert nothing is held: no request, no lease, every block free (tests' leak check)."""
@@ -440,7 +461,7 @@ class EngineCore:
             return
         self._last_cancel_check = now
         cancelled = RequestError("request cancelled by the client", ErrorCode.CANCELLED)
-        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running]:
+        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]:
             try:
                 gone = seq.sink.cancelled()
             except Exception:  # noqa: BLE001 - a broken sink counts as a departed client
@@ -452,3 +473,4 @@ class EngineCore:
         if any(s.done for s in self._ready):
             self._ready = deque(s for s in self._ready if not s.done)
         self._running = [s for s in self._running if not s.done]
+        self._stalled = [s for s in self._stalled if not s.done]

@@ -34,7 +34,7 @@ from orchestrator.engine.handoff import Handoff
 from orchestrator.engine.kv_layout import DTYPE
 from orchestrator.engine.kv_store import KVStore, attach
 from orchestrator.engine.leases import LeaseTable
-from orchestrator.errors import EngineUnavailable
+from orchestrator.errors import KVCacheGone
 
 _REQUEST = struct.Struct("<4sQIIB")
 _MAGIC = b"KVP1"
@@ -139,7 +139,7 @@ class _PullBase:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(handoff.host, handoff.port), IO_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise EngineUnavailable(f"cannot reach the KV transfer server of '{handoff.source_engine}' at {where}: {exc}") from None
+            raise KVCacheGone(f"cannot reach the KV transfer server of '{handoff.source_engine}' at {where}: {exc}") from None
         try:
             writer.write(_REQUEST.pack(_MAGIC, handoff.lease_id, first, count, self.mode))
             await writer.drain()
@@ -147,13 +147,13 @@ class _PullBase:
             if status != 0:
                 (n,) = struct.unpack("<H", await reader.readexactly(2))
                 message = (await reader.readexactly(n)).decode(errors="replace")
-                raise EngineUnavailable(f"context engine '{handoff.source_engine}' refused the KV pull: {message}")
+                raise KVCacheGone(f"context engine '{handoff.source_engine}' refused the KV pull: {message}")
             shards = await asyncio.wait_for(self._receive(handoff, reader, count), IO_TIMEOUT_S)
             writer.write(_DONE)
             await writer.drain()
             return shards
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as exc:
-            raise EngineUnavailable(f"KV pull from '{handoff.source_engine}' at {where} broke off: {exc!r}") from None
+            raise KVCacheGone(f"KV pull from '{handoff.source_engine}' at {where} broke off: {exc!r}") from None
         finally:
             writer.close()
 
@@ -172,7 +172,7 @@ class TcpTransport(_PullBase):
         shape = handoff.layout.shape(handoff.geometry, count)
         expected = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
         if nbytes != expected:
-            raise EngineUnavailable(f"KV pull from '{handoff.source_engine}' announced {nbytes} bytes, expected {expected}")
+            raise KVCacheGone(f"KV pull from '{handoff.source_engine}' announced {nbytes} bytes, expected {expected}")
         data = await reader.readexactly(nbytes)
         return np.frombuffer(data, dtype=DTYPE).reshape(shape)
 
@@ -196,7 +196,7 @@ class ShmTransport(_PullBase):
             try:
                 shm = attach(name)
             except (FileNotFoundError, OSError) as exc:
-                raise EngineUnavailable(f"cannot map the KV store '{name}' of '{handoff.source_engine}': {exc}") from None
+                raise KVCacheGone(f"cannot map the KV store '{name}' of '{handoff.source_engine}': {exc}") from None
             self._attached[name] = shm
         view = np.ndarray(handoff.layout.shape(handoff.geometry, total), dtype=DTYPE, buffer=shm.buf)  # type: ignore[attr-defined]
         return view[:, ids].copy()
