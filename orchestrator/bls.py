@@ -39,6 +39,10 @@ class BlsEngineClient:
         self.pb = pb_utils
         self.requested_outputs = list(requested_outputs)
 
+    async def is_ready(self, engine: str) -> bool:
+        """Triton's own readiness of the engine model (False while unloaded or loading)."""
+        return bool(self.pb.is_model_ready(model_name=engine))
+
     def _reply(self, response: Any) -> EngineReply | None:
         if response.has_error():
             err = response.error()

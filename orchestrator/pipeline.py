@@ -132,6 +132,7 @@ class Orchestrator:
         self.config = config
         self.client = client
         self.router = router or Router(config)
+        self.log = log
         self.membership = Membership(self.router, client, config, log)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
@@ -202,8 +203,7 @@ class Orchestrator:
                 with self.router.track(decision, route.prompt_tokens):
                     context = await self._context_attempt(decision.engine, tensors, _child_id(key, "ctx", attempt))
             except _PhaseFailed as failure:
-                if failure.engine_fault:
-                    self.router.failure(decision)
+                self._failed(decision, failure)
                 if not _retryable(failure) or attempt == self.config.max_retries:
                     raise
                 last = failure
@@ -212,6 +212,16 @@ class Orchestrator:
             self._note_context(p, context)
             return context
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _failed(self, decision: RouteDecision, failure: _PhaseFailed) -> None:
+        """Tell the router (health) and the log; the caller decides about a retry."""
+        if failure.engine_fault:
+            self.router.failure(decision)
+        if failure.error.code is not ErrorCode.INVALID_ARG:
+            self.log(
+                f"request {decision.request_id}: {decision.phase.value} attempt {decision.attempt} on engine "
+                f"{decision.engine} failed ({failure.error.code.value}): {failure.error.message}"
+            )
 
     def _pick(
         self, phase: Phase, route: RouteRequest, tried: list[str], attempt: int, last: _PhaseFailed | None
@@ -264,8 +274,8 @@ class Orchestrator:
                 with self.router.track(decision, route.prompt_tokens + route.max_tokens):
                     await self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
             except _PhaseFailed as failure:
+                self._failed(decision, failure)
                 if failure.engine_fault:
-                    self.router.failure(decision)
                     tried.append(decision.engine)
                 if not _retryable(failure) or attempt == self.config.max_retries or p.sent != sent_before:
                     if p.sent != sent_before and _retryable(failure):

@@ -16,6 +16,7 @@ from orchestrator import triton_io as io  # noqa: E402
 from orchestrator.bls import BlsEngineClient  # noqa: E402
 from orchestrator.config import OrchestratorConfig  # noqa: E402
 from orchestrator.contract import PERF_OUTPUTS, parse_request  # noqa: E402
+from orchestrator.dispatch import EndpointClient  # noqa: E402
 from orchestrator.errors import as_request_error  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 
@@ -27,8 +28,13 @@ ENGINE_OUTPUTS = (
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = OrchestratorConfig.from_parameters(io.model_parameters(args))
-        self.orchestrator = Orchestrator(config, BlsEngineClient(pb_utils, ENGINE_OUTPUTS))
+        model_dir = Path(args["model_repository"])  # this model's folder: a relative pool_file lives here
+        config = OrchestratorConfig.from_parameters(io.model_parameters(args), model_dir)
+        log = pb_utils.Logger.log_info
+        self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS))
+        self.orchestrator = Orchestrator(config, self.client, log=log)
+        if config.log_routing:
+            self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
 
     async def execute(self, requests):
         for request in requests:
@@ -42,5 +48,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.orchestrator.membership.stop_soon()
         for task in list(self.orchestrator.in_flight.values()):
             task.cancel()
