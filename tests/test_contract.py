@@ -321,7 +321,8 @@ def test_orchestrator_config_parses_lists_and_policies() -> None:
     config = OrchestratorConfig.from_parameters(
         {"context_engines": " context_0, context_1 ,", "generation_engines": "generation_0"}
     )
-    assert config == OrchestratorConfig(("context_0", "context_1"), ("generation_0",), "round_robin", "round_robin")
+    assert config == OrchestratorConfig(("context_0", "context_1"), ("generation_0",))
+    assert (config.context_policy, config.generation_policy) == ("round_robin", "round_robin")
 
 
 @pytest.mark.parametrize(
@@ -332,8 +333,8 @@ def test_orchestrator_config_parses_lists_and_policies() -> None:
         ({"context_engines": " , ,", "generation_engines": "g"}, "context_engines"),
         ({"context_engines": "c"}, "generation_engines"),
         ({"context_engines": "c", "generation_engines": "g,g"}, "generation_engines"),
-        ({"context_engines": "c", "generation_engines": "g", "context_policy": "random"}, "context_policy"),
-        ({"context_engines": "c", "generation_engines": "g", "generation_policy": "least_loaded"}, "generation_policy"),
+        ({"context_engines": "c", "generation_engines": "g", "context_policy": "fastest"}, "context_policy"),
+        ({"context_engines": "c", "generation_engines": "g", "generation_policy": "sticky"}, "generation_policy"),
     ],
 )
 def test_orchestrator_config_errors_name_the_key(params: dict[str, str], key: str) -> None:
@@ -347,7 +348,7 @@ def test_orchestrator_config_errors_name_the_key(params: dict[str, str], key: st
 
 def test_make_policy_unknown_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
-        make_policy("random", "context_policy")
+        make_policy("fastest", key="context_policy")
     assert "context_policy" in str(info.value) and "round_robin" in str(info.value)
 
 

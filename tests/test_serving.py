@@ -52,6 +52,9 @@ def sse_events(server: TritonServer, body: dict[str, object]) -> list[dict[str, 
 # -- loading ------------------------------------------------------------------------
 # Lines a CPU-only machine always logs; anything else at error level is ours to fix.
 NO_GPU_LINES = re.compile(r"CudaDriverHelper|CUDA driver version is insufficient|pinned memory|NVML|DCGM")
+# Triton 2.51's stub logs this when an async execute() finishes before the stub has stored
+# its future (a race in pb_stub.cc, triton-inference-server/server#8537); harmless.
+KNOWN_STUB_RACE = re.compile(r"Cannot remove future from background; KeyError")
 
 
 def test_committed_configs_load_without_errors(server: TritonServer) -> None:
@@ -59,7 +62,10 @@ def test_committed_configs_load_without_errors(server: TritonServer) -> None:
     for model in ("ensemble", "preprocessing", "orchestrator", "postprocessing",
                   "context_0", "context_1", "generation_0", "generation_1", "aggregated_0"):  # fmt: skip
         assert re.search(rf"\|\s*{model}\s*\|\s*1\s*\|\s*READY", log), f"{model} not READY"
-    errors = [line for line in log.splitlines() if re.match(r"^E\d{4}", line) and not NO_GPU_LINES.search(line)]
+    errors = [
+        line for line in log.splitlines()
+        if re.match(r"^E\d{4}", line) and not NO_GPU_LINES.search(line) and not KNOWN_STUB_RACE.search(line)
+    ]  # fmt: skip
     assert errors == []
 
 
