@@ -56,11 +56,6 @@ class Membership:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def stop_soon(self) -> None:
-        """Cancel from outside the loop's await (model finalize)."""
-        if self._task is not None:
-            self._task.cancel()
-
     async def _run(self) -> None:
         cfg = self.config
         next_file = next_probe = time.monotonic()

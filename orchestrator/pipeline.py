@@ -135,17 +135,30 @@ class Orchestrator:
         self.log = log
         self.membership = Membership(self.router, client, config, log)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # where requests run (set by start)
 
     async def close(self) -> None:
-        """Cancel what is in flight (each request ends CANCELLED) and stop the membership task."""
+        """Cancel what is in flight (each request ends CANCELLED), stop the membership task,
+        close the engine client's connections (remote engines)."""
         tasks = list(self.in_flight.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.membership.stop()
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            await close()
+
+    def close_soon(self) -> None:
+        """Schedule close() on the requests' loop from any thread (Triton's finalize); never
+        waits: finalize may run on that very loop's thread, where waiting would deadlock."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.close(), loop)
 
     def start(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink) -> asyncio.Task[None]:
         """Serve a request in its own task; the task is kept until it ends (no GC, no leak)."""
+        self._loop = asyncio.get_running_loop()
         self.membership.ensure_started()
         key = request.request_id or uuid.uuid4().hex
         while key in self.in_flight:

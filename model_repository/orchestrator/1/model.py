@@ -48,6 +48,4 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.orchestrator.membership.stop_soon()
-        for task in list(self.orchestrator.in_flight.values()):
-            task.cancel()
+        self.orchestrator.close_soon()  # in-flight requests end CANCELLED; connections close
