@@ -179,7 +179,10 @@ class Orchestrator:
             self._fail(progress, RequestError("request cancelled", ErrorCode.CANCELLED))
             raise
         except _PhaseFailed as failure:
-            self._fail(progress, failure.error)
+            error = failure.error
+            if error.code is ErrorCode.NOT_FOUND:  # retries spent: to the client, an unavailable backend
+                error = EngineUnavailable(f"the context phase's KV cache was lost and retries are spent: {error.message}")
+            self._fail(progress, error)
         except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
             self._fail(progress, as_request_error(exc))
 

@@ -236,6 +236,23 @@ def test_lost_kv_lease_reruns_the_context_phase(streaming: bool) -> None:
     run(scenario, generation=("generation_0",), wrap=lambda inner: StealLease(inner, thief))
 
 
+def test_lost_kv_lease_without_retries_left_is_unavailable() -> None:
+    async def body(c: Cluster) -> None:
+        sink = await c.serve(client_tensors(PROMPTS["ascii"], 6, streaming=False), "r")
+        error = sink.failed()
+        assert error.code is ErrorCode.UNAVAILABLE and "KV cache was lost" in error.message and "no such lease" in error.message
+
+    thief = EngineCore("thief", FREE)
+
+    async def scenario(c: Cluster) -> None:
+        try:
+            await body(c)
+        finally:
+            await thief.close()
+
+    run(scenario, routing={"max_retries": 0}, wrap=lambda inner: StealLease(inner, thief))
+
+
 # -- conditional disaggregation ---------------------------------------------------------------
 
 
