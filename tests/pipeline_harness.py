@@ -258,36 +258,41 @@ def client_tensors(
     return tensors
 
 
+class CollectingSink:
+    """An engine Sink that keeps what one request produced and signals its end."""
+
+    def __init__(self) -> None:
+        self.outputs: list[EngineOutput] = []
+        self.errors: list[RequestError] = []
+        self.done = asyncio.Event()
+
+    def send(self, output: EngineOutput, final: bool) -> None:
+        self.outputs.append(output)
+        if final:
+            self.done.set()
+
+    def fail(self, error: RequestError) -> None:
+        self.errors.append(error)
+        self.done.set()
+
+    def cancelled(self) -> bool:
+        return False
+
+
 async def oracle(tensors: Tensors) -> tuple[int, ...]:
     """Generated tokens of the same request on one aggregated engine (prompt excluded)."""
     core = EngineCore("oracle", EngineConfig.free())
     request = parse_request(
         {**tensors, "streaming": np.array([[False]]), "exclude_input_in_output": np.array([[True]])}, {}, "oracle"
     )
-    done = asyncio.Event()
-    outputs: list[EngineOutput] = []
-    errors: list[RequestError] = []
-
-    class Sink:
-        def send(self, output: EngineOutput, final: bool) -> None:
-            outputs.append(output)
-            if final:
-                done.set()
-
-        def fail(self, error: RequestError) -> None:
-            errors.append(error)
-            done.set()
-
-        def cancelled(self) -> bool:
-            return False
-
+    sink = CollectingSink()
     try:
-        core.submit(request, Sink())
-        await done.wait()
+        core.submit(request, sink)
+        await sink.done.wait()
     finally:
         await core.close()
-    assert not errors and len(outputs) == 1
-    return outputs[0].tokens
+    assert not sink.errors and len(sink.outputs) == 1
+    return sink.outputs[0].tokens
 
 
 def assert_same_text(streamed: str, expected: str) -> None:

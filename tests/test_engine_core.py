@@ -22,7 +22,6 @@ from orchestrator.engine.handoff import MAGIC, Handoff
 from orchestrator.engine.kv_layout import Geometry, Layout
 from orchestrator.errors import InvalidInput
 from tests.engine_harness import (
-    GREEDY,
     OTHER_PROMPT,
     PROMPT,
     SAMPLING_SETS,

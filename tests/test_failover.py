@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from orchestrator.contract import EngineOutput, RequestType, parse_request
+from orchestrator.contract import parse_request
 from orchestrator.engine.core import EngineCore
 from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import ErrorCode, RequestError
 from orchestrator.health import BreakerState
 from orchestrator.router import Phase
-from tests.pipeline_harness import FREE, PROMPTS, Cluster, Tensors, client_tensors, oracle, run
+from tests.pipeline_harness import FREE, PROMPTS, CollectingSink, Cluster, Tensors, client_tensors, oracle, run
 
 CTX, GEN = "context_only", "generation_only"
 LOCAL = "None"  # request_type of a request that runs both phases on one engine
@@ -190,27 +190,28 @@ class StealLease:
     ) -> AsyncIterator[EngineReply]:
         if parameters.get("request_type") == GEN and not self.stolen:
             self.stolen = True
-            done = asyncio.Event()
-
-            class Sink:
-                def send(self, output: EngineOutput, final: bool) -> None:
-                    if final:
-                        done.set()
-
-                def fail(self, error: RequestError) -> None:
-                    done.set()
-
-                def cancelled(self) -> bool:
-                    return False
-
+            sink = CollectingSink()
             await self.thief.start()
-            self.thief.submit(parse_request(tensors, parameters, "thief"), Sink())
-            await done.wait()
+            self.thief.submit(parse_request(tensors, parameters, "thief"), sink)
+            await sink.done.wait()
         async for reply in self.inner.stream(engine, tensors, parameters, request_id):
             yield reply
 
     async def is_ready(self, engine: str) -> bool:
         return await self.inner.is_ready(engine)
+
+
+def run_with_lease_thief(body: Callable[[Cluster], Awaitable[None]], **cluster_kw: Any) -> None:
+    """`run` with a StealLease client whose thief engine is closed after the scenario."""
+    thief = EngineCore("thief", FREE)
+
+    async def scenario(c: Cluster) -> None:
+        try:
+            await body(c)
+        finally:
+            await thief.close()
+
+    run(scenario, wrap=lambda inner: StealLease(inner, thief), **cluster_kw)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -225,15 +226,7 @@ def test_lost_kv_lease_reruns_the_context_phase(streaming: bool) -> None:
         assert c.client.engines(GEN) == ["generation_0", "generation_0"]  # not the engine's fault: same engine
         assert c.orch.router.pools[Phase.GENERATION].get("generation_0").breaker.state is BreakerState.CLOSED  # type: ignore[union-attr]
 
-    thief = EngineCore("thief", FREE)
-
-    async def scenario(c: Cluster) -> None:
-        try:
-            await body(c)
-        finally:
-            await thief.close()
-
-    run(scenario, generation=("generation_0",), wrap=lambda inner: StealLease(inner, thief))
+    run_with_lease_thief(body, generation=("generation_0",))
 
 
 def test_lost_kv_lease_without_retries_left_is_unavailable() -> None:
@@ -242,15 +235,7 @@ def test_lost_kv_lease_without_retries_left_is_unavailable() -> None:
         error = sink.failed()
         assert error.code is ErrorCode.UNAVAILABLE and "KV cache was lost" in error.message and "no such lease" in error.message
 
-    thief = EngineCore("thief", FREE)
-
-    async def scenario(c: Cluster) -> None:
-        try:
-            await body(c)
-        finally:
-            await thief.close()
-
-    run(scenario, routing={"max_retries": 0}, wrap=lambda inner: StealLease(inner, thief))
+    run_with_lease_thief(body, routing={"max_retries": 0})
 
 
 # -- conditional disaggregation ---------------------------------------------------------------

@@ -18,7 +18,6 @@ from orchestrator.contract import parse_request
 from orchestrator.detokenize import completion_text
 from orchestrator.engine_client import EngineReply
 from orchestrator.errors import ErrorCode
-from orchestrator.pipeline import Orchestrator
 from tests.pipeline_harness import (
     CONTEXT,
     FREE,
