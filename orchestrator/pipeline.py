@@ -39,6 +39,7 @@ import numpy as np
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.contract import FORWARDED_INPUTS, EngineOutput, EngineRequest, PerfMetrics, RequestType, with_batch_dim
+from orchestrator.deadline import StallTimer
 from orchestrator.detokenize import DetokWindow, prompt_window
 from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import EngineUnavailable, ErrorCode, RequestError, as_request_error
@@ -346,16 +347,22 @@ class Orchestrator:
     ) -> AsyncIterator[EngineReply]:
         """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one)."""
         stream = self.client.stream(engine, tensors, params, child_id)
-        timeout = self.config.engine_timeout_s
+        timer = StallTimer(self.config.engine_timeout_s)
         try:
             while True:
+                timer.arm()
                 try:
-                    reply = await asyncio.wait_for(anext(stream), timeout)
+                    reply = await anext(stream)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
-                    error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': no reply in {timeout:g}s")
+                except asyncio.CancelledError:
+                    if not timer.fired:
+                        raise
+                    timer.absorb()
+                    error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': no reply in {timer.timeout_s:g}s")
                     raise _PhaseFailed(error, engine_fault=True) from None
+                finally:
+                    timer.disarm()
                 yield reply
         finally:
             await stream.aclose()
