@@ -7,6 +7,11 @@ responses to the loop with `call_soon_threadsafe`; all `send`s stay on the loop 
 (a thread that calls a response sender crashed the stub in trials). Where a newer Triton
 gives the iterator `__aiter__`, it is used directly.
 
+Abandoning a stream early (the caller closes the generator) cancels the child request
+where the iterator has `cancel()` (newer Tritons); 2.51's has none, so the orchestrator
+also sends the engine a `stop=true` request for that child id, and the reader thread ends
+when the engine's final response arrives.
+
 `pb_utils` is passed in, so this module imports without Triton.
 """
 
@@ -70,6 +75,17 @@ class BlsEngineClient:
         except Exception as exc:  # noqa: BLE001 - e.g. the engine model is not loaded
             yield EngineReply(error=RequestError(f"engine '{engine}' could not take the request: {exc}", ErrorCode.UNAVAILABLE))
             return
+        finished = False
+        try:
+            async for reply in self._replies(engine, request_id, responses):
+                yield reply
+            finished = True
+        finally:
+            cancel = getattr(responses, "cancel", None)
+            if not finished and cancel is not None:
+                cancel()  # real child cancellation, where this Triton has it
+
+    async def _replies(self, engine: str, request_id: str, responses: Any) -> AsyncIterator[EngineReply]:
         if hasattr(responses, "__aiter__"):
             async for response in responses:
                 reply = self._reply(response)

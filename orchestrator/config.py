@@ -33,6 +33,14 @@ Failures (`orchestrator.health`):
   consecutive failures that mark an engine unhealthy, and how long it is skipped (doubling).
 - `health_check_s` (2.0): how often engines' readiness is probed (0: never).
 
+Ending requests (`orchestrator.pipeline`; 0 turns a timeout off):
+- `request_timeout_s` (0): a request's deadline from arrival; past it the client gets
+  UNAVAILABLE and engines are told to drop its work.
+- `context_timeout_s`, `generation_timeout_s` (0): the longest one attempt of a phase may
+  take; an overrun counts as the engine's failure (retried like one).
+- `cancel_check_ms` (100): how often clients' Triton cancellations are polled.
+- `stop_timeout_s` (5): how long a `stop=true` sent to an engine may take to be answered.
+
 Every error names the key and says what to write instead.
 """
 
@@ -120,6 +128,11 @@ class OrchestratorConfig:
     breaker_backoff_s: float = 1.0
     breaker_backoff_max_s: float = 30.0
     health_check_s: float = 2.0
+    request_timeout_s: float = 0.0
+    context_timeout_s: float = 0.0
+    generation_timeout_s: float = 0.0
+    cancel_check_ms: float = 100.0
+    stop_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         _engine_list(list(self.context_engines), "context_engines")
@@ -134,7 +147,7 @@ class OrchestratorConfig:
         for key in ("tokens_per_block", "prefix_index_blocks", "breaker_failures"):
             if getattr(self, key) < 1:
                 raise ValueError(f"orchestrator parameter '{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("engine_timeout_s", "breaker_backoff_s", "pool_poll_s"):
+        for key in ("engine_timeout_s", "breaker_backoff_s", "pool_poll_s", "stop_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"orchestrator parameter '{key}' must be > 0, got {getattr(self, key)}")
         if self.breaker_backoff_max_s < self.breaker_backoff_s:

@@ -33,10 +33,20 @@ class RequestType(str, Enum):
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> "RequestType":
+        """Absent (or TensorRT-LLM's `context_and_generation`) means both phases here.
+
+        An unknown value is refused: silently serving a misspelt `generation_only` as a
+        full request would hide the client's bug (the real backend falls back instead).
+        """
         value = parameters.get("request_type")
+        if value is None or value in ("", "context_and_generation"):
+            return cls.AGGREGATE
         if value in (cls.CONTEXT_ONLY.value, cls.GENERATION_ONLY.value):
             return cls(value)
-        return cls.AGGREGATE  # unknown values fall back to the default, as the real backend does
+        raise InvalidInput(
+            f"request parameter 'request_type'={value!r} is unknown: use 'context_only', 'generation_only', "
+            "or leave it out for both phases"
+        )
 
 
 # Inputs the orchestrator forwards to engines unchanged (all optional in the contract).
@@ -51,6 +61,23 @@ FORWARDED_INPUTS: tuple[str, ...] = (
 
 _ROW_INPUTS = frozenset({"input_ids", "embedding_bias", "context_phase_params"})
 _WORD_LIST_INPUTS = frozenset({"stop_words_list", "bad_words_list"})
+MAX_WORD_LIST_IDS = 4096  # token ids per stop/bad word list; more is a client bug, not a use case
+
+
+def is_stop_request(tensors: Tensors) -> bool:
+    """TensorRT-LLM's cancellation contract: `stop=true` ends the in-flight request that has
+    this request's id; the stop request itself gets one empty final response."""
+    return flag(tensors, "stop")
+
+
+def stop_tensors() -> dict[str, np.ndarray]:
+    """A stop request's inputs: `stop` plus the inputs a real tensorrt_llm config requires."""
+    return {
+        "input_ids": np.zeros((1, 1), dtype=np.int32),
+        "input_lengths": np.ones((1, 1), dtype=np.int32),
+        "request_output_len": np.ones((1, 1), dtype=np.int32),
+        "stop": np.ones((1, 1), dtype=bool),
+    }
 
 
 def with_batch_dim(name: str, value: np.ndarray) -> np.ndarray:
@@ -108,8 +135,10 @@ def word_list(tensors: Tensors, name: str) -> tuple[tuple[int, ...], ...]:
     arr = tensors.get(name)
     if arr is None or arr.size == 0:
         return ()
-    if arr.ndim < 2 or arr.shape[-2] != 2:
+    if arr.ndim < 2 or arr.shape[-2] != 2 or arr.size != 2 * arr.shape[-1]:
         raise InvalidInput(f"input '{name}' must be INT32 [1, 2, N] (ids row, offsets row), got {list(arr.shape)}")
+    if arr.shape[-1] > MAX_WORD_LIST_IDS:
+        raise InvalidInput(f"input '{name}' holds {arr.shape[-1]} ids; at most {MAX_WORD_LIST_IDS} are accepted")
     pair = arr.reshape(2, -1)
     try:
         return parse_word_list(pair[0].tolist(), pair[1].tolist())
@@ -143,10 +172,11 @@ class SamplingParams:
 
 
 def _sampling(tensors: Tensors) -> SamplingParams:
-    def fp(name: str, default: float, low: float = 0.0) -> float:
+    def fp(name: str, default: float, low: float = 0.0, high: float = math.inf, above: bool = False) -> float:
         value = float(scalar(tensors, name, default))
-        if math.isnan(value) or math.isinf(value) or value < low:
-            raise InvalidInput(f"input '{name}' must be a finite number >= {low}, got {value}")
+        if math.isnan(value) or math.isinf(value) or value < low or value > high or (above and value == low):
+            bounds = f"{'>' if above else '>='} {low}" + ("" if high == math.inf else f" and <= {high}")
+            raise InvalidInput(f"input '{name}' must be a finite number {bounds}, got {value}")
         return value
 
     def i32(name: str, default: int) -> int:
@@ -158,10 +188,10 @@ def _sampling(tensors: Tensors) -> SamplingParams:
     return SamplingParams(
         temperature=fp("temperature", 1.0),
         top_k=i32("runtime_top_k", 0),
-        top_p=fp("runtime_top_p", 0.0),
+        top_p=fp("runtime_top_p", 0.0, high=1.0),
         seed=int(scalar(tensors, "seed", 0)),
         min_tokens=i32("min_tokens", 0),
-        repetition_penalty=fp("repetition_penalty", 1.0),
+        repetition_penalty=fp("repetition_penalty", 1.0, above=True),
         presence_penalty=fp("presence_penalty", 0.0, low=-math.inf),
         frequency_penalty=fp("frequency_penalty", 0.0, low=-math.inf),
         len_penalty=fp("len_penalty", 1.0, low=-math.inf),
@@ -185,6 +215,7 @@ class EngineRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
     pad_id: int = 0
+    bad_words: tuple[tuple[int, ...], ...] = ()  # validated; the stub model does not apply them
 
 
 def parse_request(
@@ -222,6 +253,7 @@ def parse_request(
             end_id=None if end_id is None or int(end_id) < 0 else int(end_id),
             stop_words=word_list(tensors, "stop_words_list"),
         ),
+        bad_words=word_list(tensors, "bad_words_list"),
         sampling=_sampling(tensors),
         request_type=RequestType.from_parameters(parameters),
         streaming=flag(tensors, "streaming"),

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Mapping, Protocol
 
 import numpy as np
 
-from orchestrator.contract import EngineOutput, EngineRequest, parse_request
+from orchestrator.contract import EngineOutput, EngineRequest, is_stop_request, parse_request
 from orchestrator.errors import ErrorCode, RequestError
 
 
@@ -75,8 +75,11 @@ class InProcessEngineClient:
 
         try:
             await core.start()
+            if is_stop_request(tensors):
+                core.stop(request_id)
+                return  # the empty final response carries nothing to yield
             request = parse_request(tensors, parameters, request_id)
-            core.submit(request, _Sink(request))
+            core.submit(request, _Sink(request), parameters.get("fault"))
         except RequestError as exc:
             yield EngineReply(error=exc)
             return

@@ -6,7 +6,8 @@
     ├── KVCacheGone                  NOT_FOUND: a generation engine could not fetch the context
     │                                phase's KV (lease expired or pulled, source unreachable);
     │                                the orchestrator re-runs the context phase
-    ├── RequestCancelled             CANCELLED: the client (or stop=true) ended it
+    ├── RequestCancelled             CANCELLED: the client cancelled it (or the server is stopping)
+    ├── DuplicateRequest             ALREADY_EXISTS: a request with this id is already in flight
     └── InternalError                INTERNAL: a bug of ours; the message never carries a traceback
 
 Library code raises these; the thin `model.py` adapters turn one into a
@@ -27,6 +28,7 @@ class ErrorCode(str, Enum):
     INTERNAL = "INTERNAL"
     NOT_FOUND = "NOT_FOUND"
     UNSUPPORTED = "UNSUPPORTED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
 
 
 class RequestError(Exception):
@@ -58,6 +60,10 @@ class KVCacheGone(RequestError):
 
 class RequestCancelled(RequestError):
     code = ErrorCode.CANCELLED
+
+
+class DuplicateRequest(RequestError):
+    code = ErrorCode.ALREADY_EXISTS
 
 
 class InternalError(RequestError):

@@ -16,11 +16,18 @@ For each request (all requests run concurrently, one asyncio task each):
 4. exactly one final response ends it: the last tokens carry the final flag when the stop
    rule recognises them as last, otherwise a closing response follows the stream.
 
-Failures: an engine that errors or stays silent for `engine_timeout_s` is reported to the
-router (its circuit breaker) and the phase is retried on another engine, at most
-`max_retries` times: a context phase always, a generation phase while no generated token
-has reached the client (a lost KV lease, NOT_FOUND, re-runs the context phase first).
-After that the client gets UNAVAILABLE as its final response.
+Failures: an engine that errors, stays silent for `engine_timeout_s` or overruns a phase
+timeout is reported to the router (its circuit breaker) and the phase is retried on another
+engine, at most `max_retries` times: a context phase always, a generation phase while no
+generated token has reached the client (a lost KV lease, NOT_FOUND, re-runs the context
+phase first). After that the client gets UNAVAILABLE as its final response.
+
+Ending early: `stop(request_id)` (TensorRT-LLM's `stop=true`) ends a request with an empty
+final response; a client's Triton cancellation (polled every `cancel_check_ms`) ends it
+CANCELLED; `request_timeout_s` ends it UNAVAILABLE. Whatever the path, every child request
+still open on an engine, and every KV lease a finished context phase left unpulled, gets a
+`stop=true` request with its child id, so engines free the blocks at once (Triton 2.51's
+BLS cannot cancel a child request; where a newer Triton can, the BLS client also does).
 
 Every response also carries a detokenization window (`detok_window`, see
 `orchestrator.detokenize`) so the stateless postprocessing step renders exact text deltas.
@@ -33,21 +40,30 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Mapping, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeVar
 
 import numpy as np
 
 from orchestrator.config import OrchestratorConfig
-from orchestrator.contract import FORWARDED_INPUTS, EngineOutput, EngineRequest, PerfMetrics, RequestType, with_batch_dim
+from orchestrator.contract import (
+    FORWARDED_INPUTS,
+    EngineOutput,
+    EngineRequest,
+    PerfMetrics,
+    RequestType,
+    stop_tensors,
+    with_batch_dim,
+)
 from orchestrator.deadline import StallTimer
 from orchestrator.detokenize import DetokWindow, prompt_window
 from orchestrator.engine_client import EngineClient, EngineReply
-from orchestrator.errors import EngineUnavailable, ErrorCode, RequestError, as_request_error
+from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
 from orchestrator.router import Phase, RouteDecision, Router
 from orchestrator.routing import RouteRequest
 
 Tensors = Mapping[str, np.ndarray]
+T = TypeVar("T")
 
 
 class ResponseSink(Protocol):
@@ -73,6 +89,10 @@ class _Progress:
     first_token_ns: int = 0
     kv_context: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks on the context engine
     kv_generation: tuple[int, int, int] = (0, 0, 0)  # the same on the generation engine (latest report)
+    children: dict[str, str] = field(default_factory=dict)  # child id -> engine, while it may hold work there
+    leases: dict[str, str] = field(default_factory=dict)  # finished context child -> engine, until its KV is pulled
+    phase: str = "routing"  # where the request is (for timeout messages)
+    ending: str = ""  # why its task was cancelled on purpose: "stop" or "client"
 
     def kv_blocks(self) -> tuple[int, int, int]:
         """KV blocks the request held on both engines: new, reused (prefix hits), total."""
@@ -120,6 +140,12 @@ def _retryable(failure: _PhaseFailed) -> bool:
     return failure.engine_fault or failure.error.code is ErrorCode.NOT_FOUND
 
 
+@dataclass(slots=True)
+class _InFlight:
+    task: asyncio.Task[None]
+    progress: _Progress
+
+
 class Orchestrator:
     """Runs requests through the context and generation pools; one instance per model instance."""
 
@@ -135,16 +161,31 @@ class Orchestrator:
         self.router = router or Router(config)
         self.log = log
         self.membership = Membership(self.router, client, config, log)
-        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.in_flight: dict[str, _InFlight] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # stop requests on their way to engines
+        self._watcher: asyncio.Task[None] | None = None  # polls clients' cancellation
         self._loop: asyncio.AbstractEventLoop | None = None  # where requests run (set by start)
+        self.stops_sent = 0
+        self.cancelled_by_client = 0
+
+    def state(self) -> dict[str, int]:
+        """What the orchestrator holds now (exported as gauges; all zero when idle and leak-free)."""
+        return {
+            "in_flight_requests": len(self.in_flight),
+            "child_requests": sum(len(e.progress.children) + len(e.progress.leases) for e in self.in_flight.values()),
+            "stops_pending": len(self._stopping),
+        }
 
     async def close(self) -> None:
-        """Cancel what is in flight (each request ends CANCELLED), stop the membership task,
-        close the engine client's connections (remote engines)."""
-        tasks = list(self.in_flight.values())
+        """Cancel what is in flight (each request ends CANCELLED, its children are stopped), stop
+        the membership task, close the engine client's connections (remote engines)."""
+        tasks = [entry.task for entry in self.in_flight.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.membership.stop()
         close = getattr(self.client, "close", None)
         if close is not None:
@@ -158,27 +199,78 @@ class Orchestrator:
             asyncio.run_coroutine_threadsafe(self.close(), loop)
 
     def start(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink) -> asyncio.Task[None]:
-        """Serve a request in its own task; the task is kept until it ends (no GC, no leak)."""
-        self._loop = asyncio.get_running_loop()
+        """Serve a request in its own task; the task is kept until it ends (no GC, no leak).
+
+        Raises DuplicateRequest when a request with the same id is in flight: ids name
+        requests for `stop` and for their child requests on engines, so they must be unique.
+        """
+        loop = self._loop = asyncio.get_running_loop()
         self.membership.ensure_started()
         key = request.request_id or uuid.uuid4().hex
-        while key in self.in_flight:
-            key = f"{key}+"
-        task = asyncio.get_running_loop().create_task(self.serve(request, tensors, sink, key))
-        self.in_flight[key] = task
+        if key in self.in_flight:
+            raise DuplicateRequest(
+                f"request id '{key}' is already in flight: give every in-flight request its own id "
+                "(or none), or send stop=true with that id to end the running one"
+            )
+        progress = _Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        task = loop.create_task(self._serve(progress, tensors, key))
+        self.in_flight[key] = _InFlight(task, progress)
         task.add_done_callback(lambda _t, k=key: self.in_flight.pop(k, None))
+        if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
+            self._watcher = loop.create_task(self._watch_cancellations())
         return task
 
+    def stop(self, request: EngineRequest, sink: ResponseSink) -> bool:
+        """TensorRT-LLM's `stop=true`: end the in-flight request with this request's id with an
+        empty final response, and answer the stop request itself with one. Returns whether one
+        was running (an unknown id is not an error: that request may just have finished)."""
+        if not request.request_id:
+            raise InvalidInput("stop=true needs the id of the request to stop: send it as this request's id")
+        entry = self.in_flight.get(request.request_id)
+        found = entry is not None and not entry.progress.closed
+        if entry is not None and found:
+            entry.progress.ending = "stop"
+            entry.task.cancel()
+        p = _Progress(request=request, sink=sink, detok=DetokWindow(()), closed=True)
+        sink.send(self._tensors(p, (), p.detok.window((), final=True)), True)
+        return found
+
+    async def _watch_cancellations(self) -> None:
+        """Poll each in-flight request's Triton cancellation while any is in flight (each poll
+        is an IPC round trip in the python backend, hence an interval, not every token)."""
+        while self.in_flight:
+            await asyncio.sleep(self.config.cancel_check_ms / 1e3)
+            for entry in list(self.in_flight.values()):
+                p = entry.progress
+                cancelled = getattr(p.sink, "cancelled", None)
+                if p.ending or p.closed or cancelled is None:
+                    continue
+                try:
+                    gone = bool(cancelled())
+                except Exception:  # noqa: BLE001 - a sink that cannot tell counts as a departed client
+                    gone = True
+                if gone:
+                    p.ending = "client"
+                    self.cancelled_by_client += 1
+                    entry.task.cancel()
+
     async def serve(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink, key: str = "") -> None:
-        """Never raises: every path ends in exactly one final response or error."""
+        """Serve one request on the caller's task (start() is the usual way); never raises."""
         progress = _Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        await self._serve(progress, tensors, key or request.request_id or uuid.uuid4().hex)
+
+    async def _serve(self, progress: _Progress, tensors: Tensors, key: str) -> None:
+        """Every path ends in exactly one final response or error, and releases every child."""
+        deadline = StallTimer(self.config.request_timeout_s)
         try:
-            await self._run(progress, tensors, key or request.request_id or uuid.uuid4().hex)
+            if deadline.timeout_s:
+                deadline.arm()
+            await self._run(progress, tensors, key)
             if not progress.closed:
                 self._close(progress)
         except asyncio.CancelledError:
-            self._fail(progress, RequestError("request cancelled", ErrorCode.CANCELLED))
-            raise
+            if not self._ended_early(progress, deadline):
+                raise  # cancelled from outside (shutdown): the task ends cancelled, as asked
         except _PhaseFailed as failure:
             error = failure.error
             if error.code is ErrorCode.NOT_FOUND:  # retries spent: to the client, an unavailable backend
@@ -186,9 +278,58 @@ class Orchestrator:
             self._fail(progress, error)
         except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
             self._fail(progress, as_request_error(exc))
+        finally:
+            deadline.disarm()
+            self._release(progress)
+
+    def _ended_early(self, p: _Progress, deadline: StallTimer) -> bool:
+        """The request's task was cancelled: say why in the one final response; returns whether
+        we cancelled it ourselves (stop, client cancellation, deadline)."""
+        if p.ending == "stop":
+            if not p.closed:
+                self._close(p)
+            return True
+        if deadline.fired:
+            deadline.absorb()
+            self._fail(p, EngineUnavailable(
+                f"request timed out: no result within request_timeout_s={deadline.timeout_s:g} "
+                f"(it was in the {p.phase} phase)"
+            ))  # fmt: skip
+            return True
+        if p.ending == "client":
+            self._fail(p, RequestError("request cancelled by the client", ErrorCode.CANCELLED))
+            return True
+        self._fail(p, RequestError("request cancelled: the orchestrator is shutting down", ErrorCode.CANCELLED))
+        return False
+
+    def _release(self, p: _Progress) -> None:
+        """Stop whatever the request still holds on engines: open children, unpulled leases."""
+        for child_id, engine in (*p.children.items(), *p.leases.items()):
+            self._send_stop(engine, child_id)
+        p.children.clear()
+        p.leases.clear()
+
+    def _send_stop(self, engine: str, child_id: str) -> None:
+        """A `stop=true` request for one child, in the background (bounded by stop_timeout_s)."""
+        self.stops_sent += 1
+        task = asyncio.get_running_loop().create_task(self._stop_child(engine, child_id))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop_child(self, engine: str, child_id: str) -> None:
+        async def drain() -> None:
+            async for reply in self.client.stream(engine, stop_tensors(), {}, child_id):
+                if reply.error is not None:
+                    self.log(f"stop of {child_id} on engine {engine} failed ({reply.error.code.value}): {reply.error.message}")
+
+        try:
+            await asyncio.wait_for(drain(), self.config.stop_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the engine's lease timeout is the backstop
+            self.log(f"stop of {child_id} on engine {engine} got no answer: {exc!r}")
 
     async def _run(self, p: _Progress, tensors: Tensors, key: str) -> None:
         req = p.request
+        p.phase = "routing"
         route = self.router.request(key, req.input_ids, req.stop.max_new_tokens)
         generation = self.router.pick(Phase.GENERATION, route)
         local = self.router.local_reason(generation, route)
@@ -196,6 +337,7 @@ class Orchestrator:
         if local is not None:  # conditional disaggregation: both phases on the generation engine
             await self._generation(p, tensors, route, generation, None, key)
             return
+        p.phase = "context"
         context = await self._context(p, tensors, route, key)
         if not context.tokens:
             return  # the first token was the end token: nothing to generate
@@ -206,6 +348,7 @@ class Orchestrator:
             self._emit(p, (first,), final=done)
         if done:
             return
+        p.phase = "generation"
         await self._generation(p, tensors, route, generation, context.context_phase_params, key)
 
     # -- context phase -------------------------------------------------------------------
@@ -218,7 +361,8 @@ class Orchestrator:
             tried.append(decision.engine)
             try:
                 with self.router.track(decision, route.prompt_tokens):
-                    context = await self._context_attempt(decision.engine, tensors, _child_id(key, "ctx", attempt))
+                    attempt_run = self._context_attempt(p, decision.engine, tensors, _child_id(key, "ctx", attempt))
+                    context = await self._timed(attempt_run, "context", decision.engine, self.config.context_timeout_s)
             except _PhaseFailed as failure:
                 self._failed(decision, failure)
                 if not _retryable(failure) or attempt == self.config.max_retries:
@@ -251,16 +395,35 @@ class Orchestrator:
                 raise last from None
             raise
 
-    async def _context_attempt(self, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
+    async def _timed(self, attempt: Awaitable[T], phase: str, engine: str, timeout_s: float) -> T:
+        """One phase attempt bounded by its phase timeout (0: none); overrunning is the engine's fault."""
+        if not timeout_s:
+            return await attempt
+        timer = StallTimer(timeout_s)
+        timer.arm()
+        try:
+            return await attempt
+        except asyncio.CancelledError:
+            if not timer.fired:
+                raise
+            timer.absorb()
+            error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': not done within {phase}_timeout_s={timeout_s:g}")
+            raise _PhaseFailed(error, engine_fault=True) from None
+        finally:
+            timer.disarm()
+
+    async def _context_attempt(self, p: _Progress, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
         params = {"request_type": RequestType.CONTEXT_ONLY.value}
         result: EngineOutput | None = None
-        async for reply in self._replies(engine, "context", _child_inputs(tensors, False), params, child_id):
+        async for reply in self._replies(p, engine, "context", _child_inputs(tensors, False), params, child_id):
             if reply.error is not None:
                 raise _engine_failure(engine, "context", reply.error)
             if result is None:
                 result = EngineOutput.from_tensors(reply.tensors or {})
         if result is None:
             raise _PhaseFailed(EngineUnavailable(f"context phase on engine '{engine}' ended without a response"), True)
+        if result.context_phase_params is not None:
+            p.leases[child_id] = engine  # its KV waits there until the generation engine pulls it
         return result
 
     def _note_context(self, p: _Progress, context: EngineOutput) -> None:
@@ -289,7 +452,8 @@ class Orchestrator:
                 decision = self._pick(Phase.GENERATION, route, tried, attempt, last)
             try:
                 with self.router.track(decision, route.prompt_tokens + route.max_tokens):
-                    await self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
+                    attempt_run = self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
+                    await self._timed(attempt_run, "generation", decision.engine, self.config.generation_timeout_s)
             except _PhaseFailed as failure:
                 self._failed(decision, failure)
                 if failure.engine_fault:
@@ -301,7 +465,10 @@ class Orchestrator:
                 last = failure
                 p.generated = p.generated[: 1 if blob is not None else 0]
                 if failure.error.code is ErrorCode.NOT_FOUND and blob is not None:
+                    p.leases.clear()  # gone already
+                    p.phase = "context"
                     blob = await self._rerun_context(p, tensors, route, key)
+                    p.phase = "generation"
                 continue
             self.router.success(decision)
             return
@@ -320,11 +487,12 @@ class Orchestrator:
             gen_tensors["context_phase_params"] = np.frombuffer(blob, dtype=np.uint8).reshape(1, -1)
             params["request_type"] = RequestType.GENERATION_ONLY.value
         repeat_pending = blob is not None  # the generation engine repeats the context's first token
-        async for reply in self._replies(engine, "generation", gen_tensors, params, child_id):
+        async for reply in self._replies(p, engine, "generation", gen_tensors, params, child_id):
             if p.closed:
                 continue  # drain: the engine's stream ends by itself after its final reply
             if reply.error is not None:
                 raise _engine_failure(engine, "generation", reply.error)
+            p.leases.clear()  # a reply means the KV arrived: the context engine has freed it
             output = EngineOutput.from_tensors(reply.tensors or {})
             if output.perf is not None:
                 p.kv_generation = _kv_counts(output.perf)
@@ -343,17 +511,24 @@ class Orchestrator:
                 self._emit(p, tokens, final=done)
 
     async def _replies(
-        self, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
+        self, p: _Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
     ) -> AsyncIterator[EngineReply]:
-        """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one)."""
+        """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one).
+
+        A child left before the engine ended it (timeout, cancellation, stop, our error) is
+        stopped on its engine at once, so the engine frees its blocks now, not at its end.
+        """
         stream = self.client.stream(engine, tensors, params, child_id)
         timer = StallTimer(self.config.engine_timeout_s)
+        p.children[child_id] = engine
+        ended = False  # the engine ended the child itself (final reply or error)
         try:
             while True:
                 timer.arm()
                 try:
                     reply = await anext(stream)
                 except StopAsyncIteration:
+                    ended = True
                     return
                 except asyncio.CancelledError:
                     if not timer.fired:
@@ -363,8 +538,12 @@ class Orchestrator:
                     raise _PhaseFailed(error, engine_fault=True) from None
                 finally:
                     timer.disarm()
+                ended = reply.error is not None  # an error is always an engine's last word
                 yield reply
         finally:
+            p.children.pop(child_id, None)
+            if not ended:
+                self._send_stop(engine, child_id)
             await stream.aclose()
 
     # -- responses ------------------------------------------------------------------

@@ -5,6 +5,9 @@ Turns `text_input`, `max_tokens`, `bad_words`/`stop_words` (string lists, empty 
 `input_ids`, `input_lengths`, `request_output_len`, `bad_words_list`, `stop_words_list`,
 `end_id`, `pad_id`, `min_tokens`. Bad input raises InvalidInput with the fix.
 
+A `stop=true` request (it only names, by its request id, a request to end) skips the
+checks: its text and max_tokens are placeholders, so it gets placeholder token inputs.
+
 Knobs (preprocessing config.pbtxt `parameters`): `tokenizer_dir` (empty: the built-in
 tokenizer), `max_input_len` (4096 tokens), `max_output_len` (4096: largest `max_tokens`).
 """
@@ -16,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from orchestrator.contract import Tensors, scalar
+from orchestrator.contract import MAX_WORD_LIST_IDS, Tensors, is_stop_request, scalar
 from orchestrator.errors import InvalidInput
 from orchestrator.stopping import build_word_list
 from orchestrator.tokenizer import Tokenizer
@@ -59,11 +62,37 @@ def _words(tokenizer: Tokenizer, tensors: Tensors, name: str) -> np.ndarray:
     if len(words) > MAX_WORDS:
         raise InvalidInput(f"'{name}' has {len(words)} entries; at most {MAX_WORDS} are accepted")
     flat, offsets = build_word_list([tokenizer.encode(w) for w in words])
+    if len(flat) > MAX_WORD_LIST_IDS:
+        raise InvalidInput(f"'{name}' encodes to {len(flat)} tokens; at most {MAX_WORD_LIST_IDS} are accepted: use shorter words")
     return np.array([flat, offsets], dtype=np.int32).reshape(1, 2, -1)
+
+
+def _token_id(tokenizer: Tokenizer, tensors: Tensors, name: str, default: int) -> int:
+    """A client-chosen special token id: inside the vocabulary, or -1 for none."""
+    value = int(scalar(tensors, name, default))
+    if value != -1 and not 0 <= value < tokenizer.vocab_size:
+        raise InvalidInput(f"'{name}'={value} is not a token id: use -1 or 0..{tokenizer.vocab_size - 1}")
+    return value
+
+
+def _stop_placeholder(tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    empty = np.zeros((1, 2, 0), dtype=np.int32)
+    return {
+        "input_ids": np.array([[tokenizer.pad_id]], dtype=np.int32),
+        "input_lengths": np.array([[1]], dtype=np.int32),
+        "request_output_len": np.array([[1]], dtype=np.int32),
+        "bad_words_list": empty,
+        "stop_words_list": empty,
+        "end_id": np.array([[tokenizer.eos_id]], dtype=np.int32),
+        "pad_id": np.array([[tokenizer.pad_id]], dtype=np.int32),
+        "min_tokens": np.array([[0]], dtype=np.int32),
+    }
 
 
 def preprocess(tokenizer: Tokenizer, tensors: Tensors, limits: TextLimits) -> dict[str, np.ndarray]:
     """One request's ensemble inputs -> engine-contract tensors (batch of one)."""
+    if is_stop_request(tensors):
+        return _stop_placeholder(tokenizer)
     raw = tensors.get("text_input")
     if raw is None:
         raise InvalidInput("input 'text_input' is required: the prompt as a UTF-8 string")
@@ -80,8 +109,8 @@ def preprocess(tokenizer: Tokenizer, tensors: Tensors, limits: TextLimits) -> di
     ids = tokenizer.encode(text)
     if len(ids) > limits.max_input_len:
         raise InvalidInput(f"prompt is {len(ids)} tokens, more than max_input_len={limits.max_input_len}; shorten it")
-    end_id = scalar(tensors, "end_id", tokenizer.eos_id)
-    pad_id = scalar(tensors, "pad_id", tokenizer.pad_id)
+    end_id = _token_id(tokenizer, tensors, "end_id", tokenizer.eos_id)
+    pad_id = _token_id(tokenizer, tensors, "pad_id", tokenizer.pad_id)
     min_tokens = scalar(tensors, "min_tokens", scalar(tensors, "min_length", 1))
     if int(min_tokens) < 0:
         raise InvalidInput(f"'min_tokens' must be >= 0, got {int(min_tokens)}")

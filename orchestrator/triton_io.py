@@ -45,13 +45,18 @@ def error_response(pb_utils: Any, error: RequestError) -> Any:
 
 
 class SenderSink:
-    """A response sender seen as a `ResponseSink`: tensors in, one final flag at the end."""
+    """A Triton request's response sender seen as a `ResponseSink`: tensors in, one final flag
+    at the end; `cancelled()` asks Triton whether the client cancelled the request."""
 
-    __slots__ = ("pb", "sender")
+    __slots__ = ("pb", "sender", "request")
 
-    def __init__(self, pb_utils: Any, sender: Any) -> None:
+    def __init__(self, pb_utils: Any, request: Any) -> None:
         self.pb = pb_utils
-        self.sender = sender
+        self.request = request
+        self.sender = request.get_response_sender()
+
+    def cancelled(self) -> bool:
+        return bool(self.request.is_cancelled())
 
     def send(self, tensors: dict[str, np.ndarray], final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0

@@ -155,12 +155,18 @@ def test_max_input_len_is_enforced_by_parse_request() -> None:
         parse_request(minimal(), max_input_len=len(IDS) - 1)
 
 
-@pytest.mark.parametrize("value", [None, "", "aggregate", "context-only", "CONTEXT_ONLY", 3, "generation"])
-def test_unknown_request_type_falls_back_to_aggregate(value: object) -> None:
-    """Absent or unknown request_type values mean aggregate, as in the real backend."""
+@pytest.mark.parametrize("value", [None, "", "context_and_generation"])
+def test_absent_request_type_means_aggregate(value: object) -> None:
     params = {} if value is None else {"request_type": value}
     assert RequestType.from_parameters(params) is RequestType.AGGREGATE
     assert parse_request(minimal(), params).request_type is RequestType.AGGREGATE
+
+
+@pytest.mark.parametrize("value", ["aggregate", "context-only", "CONTEXT_ONLY", 3, "generation"])
+def test_unknown_request_type_is_refused_with_the_valid_values(value: object) -> None:
+    """A misspelt phase must not silently run both phases (the real backend would fall back)."""
+    with pytest.raises(InvalidInput, match="'request_type'.*unknown: use 'context_only', 'generation_only'"):
+        parse_request(minimal(), {"request_type": value})
 
 
 @pytest.mark.parametrize("kind", [RequestType.CONTEXT_ONLY, RequestType.GENERATION_ONLY])

@@ -22,12 +22,21 @@ KV cache (`kv_cache.py`, `block_pool.py`):
 - `cancel_check_ms` (50): how often the loop asks whether clients cancelled; each check is
   an IPC round trip per request in the python backend, so not every step.
 
-Fault injection (for failover tests and drills; a real engine has no such keys):
-- `fault` (none | fail | stall): `fail` answers every affected request with an
-  UNAVAILABLE error at once; `stall` accepts it and never answers until the client
-  cancels or the engine shuts down (a hung engine).
+Fault injection (for failover tests, drills and the soak; a real engine has no such keys):
+- `fault`: none, or what happens to an affected request:
+  `fail`       an UNAVAILABLE error at once;
+  `hang`       accepted, never answered until cancelled, stopped or shut down (`stall`: same);
+  `slow`       every step it is in lasts `fault_delay_ms` (200) longer: the whole batch waits;
+  `crash`      UNAVAILABLE after `fault_after_tokens` (2) generated tokens were sent, its
+               blocks freed (a context_only request crashes before its response);
+  `drop_lease` a context_only request answers normally but its KV lease is dropped at
+               once, so the generation engine's pull finds nothing (NOT_FOUND).
 - `fault_phase` (any | context | generation): which requests are affected
   (context_only, generation_only, or every request including aggregate ones).
+- `fault_rate` (1.0): the share of those requests affected, chosen by a hash of the
+  request id (the same id always gets the same outcome; a retry has a new id).
+A request parameter `fault` (same names) injects one into that request alone, whatever
+the config says.
 
 Cost model: a step lasts
 
@@ -58,7 +67,7 @@ from orchestrator.engine.kv_layout import Geometry, Layout
 from orchestrator.params import typed_values
 
 TRANSPORT_NAMES = ("auto", "tcp", "shm")
-FAULTS = ("none", "fail", "stall")
+FAULTS = ("none", "fail", "hang", "stall", "slow", "crash", "drop_lease")
 FAULT_PHASES = ("any", "context", "generation")
 
 
@@ -78,6 +87,9 @@ class EngineConfig:
     cancel_check_ms: float = 50.0
     fault: str = "none"
     fault_phase: str = "any"
+    fault_rate: float = 1.0
+    fault_after_tokens: int = 2
+    fault_delay_ms: float = 200.0
     step_overhead_ms: float = 0.5
     prefill_us_per_token: float = 32.0
     decode_ms_per_step: float = 6.0
@@ -97,6 +109,8 @@ class EngineConfig:
         for key, choices in (("fault", FAULTS), ("fault_phase", FAULT_PHASES)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"engine parameter '{key}' must be one of {list(choices)}, got {getattr(self, key)!r}")
+        if self.fault_rate > 1:
+            raise ValueError(f"engine parameter 'fault_rate' must be between 0 and 1, got {self.fault_rate}")
         if self.kv_lease_timeout_s <= 0:
             raise ValueError(f"engine parameter 'kv_lease_timeout_s' must be > 0, got {self.kv_lease_timeout_s}")
         if self.max_tokens_in_paged_kv_cache < self.tokens_per_block:
@@ -130,7 +144,8 @@ class EngineConfig:
     @classmethod
     def free(cls, **overrides: object) -> "EngineConfig":
         """All costs zero: steps take only their real CPU time (tests, functional runs)."""
-        zero = {f.name: 0.0 for f in fields(cls) if f.type == "float" and f.name != "kv_lease_timeout_s"}
+        keep = ("kv_lease_timeout_s", "fault_rate", "fault_delay_ms")
+        zero = {f.name: 0.0 for f in fields(cls) if f.type == "float" and f.name not in keep}
         return cls(**{**zero, **overrides})  # type: ignore[arg-type]
 
     def step_seconds(self, prefill_tokens: int, decoding: int, kv_tokens: int = 0) -> float:

@@ -17,20 +17,25 @@ Phases (the `request_type` parameter):
 
 Outputs go to a `Sink` per request (the Triton adapter wraps a response sender); every
 submitted request gets exactly one final output or one error, and every path (finish,
-error, cancellation, shutdown) gives its KV blocks back.
+error, cancellation, stop, shutdown) gives its KV blocks back.
+
+Ending a request early: Triton cancellation (polled every `cancel_check_ms`) ends it with
+CANCELLED; `stop(request_id)` (TensorRT-LLM's `stop=true` request with the same id) ends
+it with an empty final output and also drops a lease its context phase left unpulled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections import deque
 from typing import Callable
 
 from orchestrator.contract import EngineOutput, EngineRequest, RequestType
 from orchestrator.engine.block_hash import block_hashes, prompt_digest
 from orchestrator.engine.block_pool import BlockPool
-from orchestrator.engine.config import EngineConfig
+from orchestrator.engine.config import FAULTS, EngineConfig
 from orchestrator.engine.handoff import Handoff
 from orchestrator.engine.kv_cache import Allocation, KVCacheManager
 from orchestrator.engine.kv_layout import convert
@@ -94,7 +99,7 @@ class EngineCore:
         if self._task is not None:
             self._task.cancel()
         error = RequestError(f"engine '{self.name}' is shutting down", ErrorCode.UNAVAILABLE)
-        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]:
+        for seq in self._sequences():
             self._fail(seq, error)
         self._stalled.clear()
         self._waiting.clear()
@@ -110,13 +115,16 @@ class EngineCore:
         return self._closed
 
     # -- intake ---------------------------------------------------------------------
-    def submit(self, request: EngineRequest, sink: Sink) -> None:
-        """Queue a request; raises InvalidInput (nothing queued) when it cannot be served."""
+    def submit(self, request: EngineRequest, sink: Sink, fault: object = None) -> None:
+        """Queue a request; raises InvalidInput (nothing queued) when it cannot be served.
+
+        `fault` is the request parameter of that name (an injected fault for this request).
+        """
         if self._closed:
             raise RequestError(f"engine '{self.name}' is shut down", ErrorCode.UNAVAILABLE)
         if request.request_type is RequestType.CONTEXT_ONLY and not (self._started and self._started.done()):
             raise RequestError(f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL)
-        fault = self._fault(request)
+        fault = self._fault(request, fault)
         if fault == "fail":
             raise RequestError(f"engine '{self.name}' failed the request (injected fault)", ErrorCode.UNAVAILABLE)
         ids = request.input_ids
@@ -133,10 +141,10 @@ class EngineCore:
                 f"'{self.name}' has {self.kv.pool.num_blocks}; lower max_tokens or raise max_tokens_in_paged_kv_cache"
             )
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
-        seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids))
+        seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault)
         if request.request_type is RequestType.GENERATION_ONLY:
             seq.handoff = self._accept_handoff(request)
-        if fault == "stall":
+        if fault in ("hang", "stall"):
             self._stalled.append(seq)
             self._ensure_loop()  # its cancellation poll ends the stalled request
             return
@@ -144,13 +152,51 @@ class EngineCore:
         self._ensure_loop()
         self._wake()
 
-    def _fault(self, request: EngineRequest) -> str:
-        """The injected fault that applies to this request ('none' when it is served)."""
-        phase = self.config.fault_phase
-        if self.config.fault == "none" or phase == "any":
-            return self.config.fault
-        affected = RequestType.CONTEXT_ONLY if phase == "context" else RequestType.GENERATION_ONLY
-        return self.config.fault if request.request_type is affected else "none"
+    def _fault(self, request: EngineRequest, asked: object) -> str:
+        """The injected fault this request acts out ('none' when it is served normally)."""
+        if asked not in (None, ""):
+            if asked not in FAULTS:
+                raise InvalidInput(f"request parameter 'fault'={asked!r} is unknown: use one of {list(FAULTS)}")
+            return str(asked)
+        cfg = self.config
+        if cfg.fault == "none":
+            return "none"
+        if cfg.fault_phase != "any":
+            affected = RequestType.CONTEXT_ONLY if cfg.fault_phase == "context" else RequestType.GENERATION_ONLY
+            if request.request_type is not affected:
+                return "none"
+        if cfg.fault_rate < 1 and zlib.crc32(request.request_id.encode()) / 2**32 >= cfg.fault_rate:
+            return "none"
+        return cfg.fault
+
+    def stop(self, request_id: str) -> int:
+        """End the requests with this id wherever they are (an empty final output each) and drop
+        the leases their context phases left; returns how many requests and leases ended.
+
+        An id that matches nothing is fine: the request may have finished already.
+        """
+        if not request_id:
+            raise InvalidInput("a stop request needs the request id of the request to stop: send it as the request's id")
+        stopped = 0
+        for seq in self._sequences():
+            if seq.request.request_id == request_id and not seq.done:
+                self._finish(seq)
+                self._deliver(seq, output_for(seq, self._partial(seq), self._clock_ns()), final=True)
+                stopped += 1
+        self._prune()
+        return stopped + self.leases.drop_owned(request_id)
+
+    @staticmethod
+    def _partial(seq: EngineSequence) -> tuple[int, ...]:
+        """What a stopped request's final output carries: nothing new when streaming or a
+        context phase; the tokens so far when the client waits for one response."""
+        req = seq.request
+        if req.streaming or req.request_type is RequestType.CONTEXT_ONLY:
+            return ()
+        return tuple(seq.generated) if req.exclude_input_in_output else req.input_ids + tuple(seq.generated)
+
+    def _sequences(self) -> list[EngineSequence]:
+        return [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]
 
     def _max_slots(self, request: EngineRequest) -> int:
         """KV slots the request may fill here (GUARANTEED_NO_EVICT reserves them all)."""
@@ -178,6 +224,15 @@ class EngineCore:
     def active(self) -> int:
         """Requests not yet finished (queued, pulling, ready or running)."""
         return len(self._waiting) + len(self._pulling) + len(self._ready) + len(self._running) + len(self._stalled)
+
+    def state(self) -> dict[str, int]:
+        """What this engine holds now (exported as gauges; all zero when idle and leak-free)."""
+        return {
+            "active_requests": self.active,
+            "leases": len(self.leases),
+            "kv_blocks_in_use": sum(1 for n in self.kv.pool.ref_count if n),
+            "kv_blocks_reserved": self.kv.reserved,
+        }
 
     def check_idle(self) -> None:
         """Assert nothing is held: no request, no lease, every block free (tests' leak check)."""
@@ -229,6 +284,8 @@ class EngineCore:
         self.steps += 1
         self.step_log.append((prefill_tokens, len(decoding), len(admitted)))
         cost = self.config.step_seconds(prefill_tokens, len(decoding), kv_tokens)
+        if any(s.fault == "slow" for s in (*admitted, *decoding)):
+            cost += self.config.fault_delay_ms / 1e3
         await asyncio.sleep(max(0.0, cost - (time.perf_counter() - started)))
         now = self._clock_ns()
         for seq in admitted:
@@ -389,12 +446,17 @@ class EngineCore:
         """A context-only request ends here: one final output with the first token and the handoff."""
         req, alloc, first = seq.request, seq.alloc, seq.pending
         assert alloc is not None and first is not None
+        if seq.fault == "crash":
+            self._fail(seq, RequestError(f"engine '{self.name}' crashed before the context response (injected fault)", ErrorCode.UNAVAILABLE))
+            return
         ended = req.stop.is_end(first)
         tokens = () if ended else (first,)
         blob = None
         if not (ended or req.stop.finished(tokens) is not None):
-            lease = self.leases.create(alloc, len(req.input_ids))
+            lease = self.leases.create(alloc, len(req.input_ids), owner=req.request_id)
             seq.alloc = None  # the lease holds the blocks now
+            if seq.fault == "drop_lease":
+                self.leases.drop(lease)
             blob = Handoff(
                 request_id=req.request_id, source_engine=self.name, first_token=first, num_tokens=len(req.input_ids),
                 prompt_digest=prompt_digest(req.input_ids), lease_id=lease, geometry=self.geometry,
@@ -408,6 +470,9 @@ class EngineCore:
     def _accept(self, seq: EngineSequence, now: int) -> None:
         req, token = seq.request, seq.pending
         assert token is not None
+        if seq.fault == "crash" and len(seq.generated) >= self.config.fault_after_tokens:
+            self._fail(seq, RequestError(f"engine '{self.name}' crashed mid-stream (injected fault)", ErrorCode.UNAVAILABLE))
+            return
         ended = req.stop.is_end(token)
         if not ended:
             seq.generated.append(token)
@@ -461,13 +526,17 @@ class EngineCore:
             return
         self._last_cancel_check = now
         cancelled = RequestError("request cancelled by the client", ErrorCode.CANCELLED)
-        for seq in [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]:
+        for seq in self._sequences():
             try:
                 gone = seq.sink.cancelled()
             except Exception:  # noqa: BLE001 - a broken sink counts as a departed client
                 gone = True
             if gone:
                 self._fail(seq, cancelled)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget ended sequences in every queue (the running batch is also pruned each step)."""
         if any(s.done for s in self._waiting):
             self._waiting = deque(s for s in self._waiting if not s.done)
         if any(s.done for s in self._ready):

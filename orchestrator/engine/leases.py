@@ -27,6 +27,7 @@ class Lease:
     lease_id: int
     alloc: Allocation
     num_tokens: int
+    owner: str = ""  # the context_only request id that produced it (a stop for that id drops it)
     pins: int = 0
     expired: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -42,15 +43,16 @@ class LeaseTable:
         self._leases: dict[int, Lease] = {}
         self.expired = 0
         self.completed = 0
+        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def create(self, alloc: Allocation, num_tokens: int) -> int:
+    def create(self, alloc: Allocation, num_tokens: int, owner: str = "") -> int:
         """Take over `alloc`'s blocks (its growth reservation is dropped) until pulled or expired."""
         self.kv.unreserve(alloc)
         lease_id = secrets.randbits(63) or 1
-        lease = Lease(lease_id, alloc, num_tokens)
+        lease = Lease(lease_id, alloc, num_tokens, owner)
         lease.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, lease_id)
         self._leases[lease_id] = lease
         return lease_id
@@ -75,6 +77,23 @@ class LeaseTable:
             self._end(lease)
         elif lease.expired and lease.pins == 0:
             self._end(lease)
+
+    def drop(self, lease_id: int) -> bool:
+        """End a lease now (its request was stopped, or a fault drill): as expiry, but at once."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        lease.expired = True  # a pull in progress finishes; nobody can pin it again
+        self.dropped += 1
+        if lease.pins == 0:
+            self._end(lease)
+        return True
+
+    def drop_owned(self, owner: str) -> int:
+        """Drop every lease the request `owner` produced; returns how many."""
+        if not owner:
+            return 0
+        return sum(self.drop(lease.lease_id) for lease in list(self._leases.values()) if lease.owner == owner)
 
     def _expire(self, lease_id: int) -> None:
         lease = self._leases.get(lease_id)

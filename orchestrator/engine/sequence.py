@@ -45,6 +45,7 @@ class EngineSequence:
     first_scheduled_ns: int = 0
     first_token_ns: int = 0
     kv_stats: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks (kept after release)
+    fault: str = "none"  # an injected fault this request acts out (engine config or request parameter)
     done: bool = False  # left the scheduler, blocks given back
     closed: bool = False  # its final output or error was delivered
 

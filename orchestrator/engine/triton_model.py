@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator import triton_io as io
-from orchestrator.contract import EngineOutput, EngineRequest, parse_request
+from orchestrator.contract import EngineOutput, EngineRequest, is_stop_request, parse_request
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.core import EngineCore
 from orchestrator.errors import RequestError, as_request_error
+from orchestrator.gauges import StateGauges
 
 
 class _EngineSink:
@@ -40,21 +41,27 @@ class TritonPythonModel:
         self.pb = pb_utils
         self.config = EngineConfig.from_parameters(io.model_parameters(args))
         self.core = EngineCore(args["model_name"], self.config)
+        self.gauges = StateGauges(pb_utils, "disagg_engine", args["model_name"], self.core.state)
 
     async def execute(self, requests: list[Any]) -> None:
+        self.gauges.ensure_started()
         await self.core.start()
         for request in requests:
             sender = request.get_response_sender()
             try:
-                parsed = parse_request(
-                    io.request_tensors(request), io.request_parameters(request), request.request_id(), self.config.max_input_len
-                )
-                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request))
+                tensors, parameters = io.request_tensors(request), io.request_parameters(request)
+                if is_stop_request(tensors):  # TensorRT-LLM's contract: an empty final response
+                    self.core.stop(request.request_id())
+                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
+                parsed = parse_request(tensors, parameters, request.request_id(), self.config.max_input_len)
+                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request), parameters.get("fault"))
             except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
                 sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def finalize(self) -> None:
+        self.gauges.stop()
         # The engine loop may still be running on the stub's event loop thread: only remove
         # the shared-memory name here; the mapping itself goes away with this process.
         self.core.store.unlink()

@@ -2,7 +2,8 @@
 
 Decoupled and async: execute() only parses each request and starts its task, so one
 instance serves many requests at once; every request ends with exactly one final
-response or typed error, sent by the pipeline.
+response or typed error, sent by the pipeline. A `stop=true` request ends the in-flight
+request with its id. What is in flight is published as `disagg_orchestrator_*` gauges.
 """
 
 import sys
@@ -15,9 +16,10 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from orchestrator import triton_io as io  # noqa: E402
 from orchestrator.bls import BlsEngineClient  # noqa: E402
 from orchestrator.config import OrchestratorConfig  # noqa: E402
-from orchestrator.contract import PERF_OUTPUTS, parse_request  # noqa: E402
+from orchestrator.contract import PERF_OUTPUTS, is_stop_request, parse_request  # noqa: E402
 from orchestrator.dispatch import EndpointClient  # noqa: E402
 from orchestrator.errors import as_request_error  # noqa: E402
+from orchestrator.gauges import StateGauges  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 
 ENGINE_OUTPUTS = (
@@ -35,17 +37,23 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(config, self.client, log=log)
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
+        self.gauges = StateGauges(pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state)
 
     async def execute(self, requests):
+        self.gauges.ensure_started()
         for request in requests:
-            sink = io.SenderSink(pb_utils, request.get_response_sender())
+            sink = io.SenderSink(pb_utils, request)
             try:
                 tensors = io.request_tensors(request)
                 parsed = parse_request(tensors, io.request_parameters(request), request.request_id())
-                self.orchestrator.start(parsed, tensors, sink)
+                if is_stop_request(tensors):
+                    self.orchestrator.stop(parsed, sink)
+                else:
+                    self.orchestrator.start(parsed, tensors, sink)
             except Exception as exc:  # noqa: BLE001 - typed error for this request only
                 sink.fail(as_request_error(exc))
         return None
 
     def finalize(self):
+        self.gauges.stop()
         self.orchestrator.close_soon()  # in-flight requests end CANCELLED; connections close
