@@ -176,6 +176,11 @@ class Orchestrator:
             "stops_pending": len(self._stopping),
         }
 
+    async def stops_answered(self) -> None:
+        """Wait until every stop request sent so far has been answered (or timed out)."""
+        while self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel what is in flight (each request ends CANCELLED, its children are stopped), stop
         the membership task, close the engine client's connections (remote engines)."""
@@ -185,7 +190,7 @@ class Orchestrator:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._watcher is not None:
             self._watcher.cancel()
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await self.stops_answered()
         await self.membership.stop()
         close = getattr(self.client, "close", None)
         if close is not None:

@@ -89,7 +89,7 @@ class EngineCore:
         """Start the KV transfer server (idempotent, concurrent callers share one start)."""
         if self._started is None:
             self._started = asyncio.ensure_future(self.server.start())
-        await self._started
+        await asyncio.shield(self._started)  # a caller cancelled mid-start must not cancel the start
 
     async def close(self) -> None:
         """Stop: fail whatever is in flight (UNAVAILABLE), free every block, unlink the store."""
