@@ -159,6 +159,10 @@ class TritonServer:
         return f"127.0.0.1:{self.http_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 

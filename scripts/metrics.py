@@ -1,0 +1,57 @@
+"""Read the `disagg_*` state gauges from a tritonserver's Prometheus endpoint.
+
+Engines and the orchestrator publish what they hold (requests, leases, KV blocks, child
+requests; see orchestrator/gauges.py) every 100 ms. `held()` lists the non-zero ones;
+`wait_released()` waits, bounded, until none is left: the no-leak check of the tests and
+the soak. Usage: `python3 scripts/metrics.py [--url 127.0.0.1:8002]` prints what is held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Sequence
+
+import requests
+
+_SAMPLE = re.compile(r"^(disagg_\w+)\{model=\"([^\"]*)\"\} (\S+)$", re.MULTILINE)
+
+
+def gauges(url: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """Every disagg gauge as `name{model}` -> value (url: HOST:PORT of the metrics endpoint)."""
+    text = requests.get(f"http://{url}/metrics", timeout=timeout_s).text
+    return {f"{name}{{{model}}}": float(value) for name, model, value in _SAMPLE.findall(text)}
+
+
+def held(url: str) -> dict[str, float]:
+    """The gauges that are not zero: something is in flight, or leaked."""
+    return {key: value for key, value in gauges(url).items() if value}
+
+
+def wait_released(url: str, timeout_s: float = 30.0, poll_s: float = 0.1) -> dict[str, float]:
+    """Poll until nothing is held; returns what is still held when `timeout_s` runs out ({} = released)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = held(url)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(poll_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:8002", help="HOST:PORT of tritonserver's metrics endpoint")
+    args = parser.parse_args(argv)
+    values = gauges(args.url)
+    if not values:
+        print("no disagg gauges found: is this our model repository?", file=sys.stderr)
+        return 1
+    for key, value in sorted(values.items()):
+        print(f"{key} {value:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
