@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 
 from orchestrator.tokenizer import BuiltinTokenizer
@@ -72,6 +73,24 @@ def test_stop_through_the_ensemble_ends_the_request_and_frees_its_kv(idle: Trito
         assert len(victim) == 1 and victim[0].text.startswith("the cat sat")  # prompt + what it had
     assert wait_released(server.metrics_url, RELEASE_S) == {}
     assert time.monotonic() - started < RELEASE_S
+
+
+def test_stop_over_http_generate_with_the_json_id(idle: TritonServer) -> None:
+    """The README's curl: `{"id": ..., "stop": true}` on /generate ends the request with that id."""
+    server = idle
+    url = f"http://{server.http_url}/v2/models/ensemble/generate"
+    victim: dict[str, requests.Response] = {}
+    body = {"id": "http-7", "text_input": "the cat sat on the mat", "max_tokens": LONG}
+    thread = threading.Thread(target=lambda: victim.update(r=requests.post(url, json=body, timeout=60)))
+    thread.start()
+    try:
+        wait_until(lambda: kv_held(server))
+        ack = requests.post(url, json={"id": "http-7", "text_input": "", "max_tokens": 1, "stop": True}, timeout=60)
+    finally:
+        thread.join(60)
+    assert ack.status_code == 200 and ack.json()["text_output"] == ""
+    assert victim["r"].status_code == 200 and victim["r"].json()["text_output"].startswith("the cat sat on the mat")
+    assert wait_released(server.metrics_url, RELEASE_S) == {}
 
 
 def test_stop_directly_to_the_orchestrator(idle: TritonServer) -> None:
