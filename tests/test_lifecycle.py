@@ -174,6 +174,25 @@ def test_client_cancellation_ends_cancelled_and_stops_the_children(after: int) -
     run(body, configs=long_lease(generation_0=slow_decode, generation_1=slow_decode), routing={"cancel_check_ms": 5})
 
 
+def test_cancellation_polls_in_turn_and_reaches_every_request() -> None:
+    """One poll per interval (cancel_checks_per_tick=1) still finds all five cancellations."""
+
+    async def body(c: Cluster) -> None:
+        runs = []
+        for i in range(5):
+            tensors = client_tensors(PROMPTS["ascii"], 3000, streaming=True)
+            sink = CancellingSink(after=0, client=c.client)
+            runs.append((c.orch.start(parse_request(tensors, {}, f"t{i}"), tensors, sink), sink))
+        await asyncio.gather(*(task for task, _ in runs))
+        assert all(sink.failed().code is ErrorCode.CANCELLED for _, sink in runs)
+        assert c.orch.cancelled_by_client == 5
+        await released(c)
+
+    slow_decode = EngineConfig.free(kv_lease_timeout_s=60.0, decode_ms_per_step=1.0)
+    configs = long_lease(generation_0=slow_decode, generation_1=slow_decode)
+    run(body, configs=configs, routing={"cancel_check_ms": 2, "cancel_checks_per_tick": 1})
+
+
 # -- timeouts -------------------------------------------------------------------------------
 
 
