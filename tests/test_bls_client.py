@@ -1,0 +1,170 @@
+"""BlsEngineClient against a stand-in for Triton's `pb_utils` BLS surface (which exists only
+inside the python backend stub): replies in order, error codes mapped back, and real child
+cancellation used where the response iterator has `cancel()` (newer Tritons), not needed
+where it has none (2.51: the orchestrator's stop=true does that job)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+
+from orchestrator.bls import BlsEngineClient
+from orchestrator.errors import ErrorCode
+
+
+class _Tensor:
+    def __init__(self, name: str, value: np.ndarray) -> None:
+        self._name, self._value = name, value
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._value
+
+
+class _Error:
+    def __init__(self, message: str, code: int) -> None:
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class _Response:
+    def __init__(self, tokens: list[int] | None = None, error: _Error | None = None) -> None:
+        self._tokens, self._error = tokens, error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> _Error | None:
+        return self._error
+
+    def output_tensors(self) -> list[_Tensor]:
+        if self._tokens is None:
+            return []
+        return [_Tensor("output_ids", np.array([[self._tokens]], dtype=np.int32))]
+
+
+class _BlockingIterator:
+    """Triton 2.51's ResponseIterator: blocking next(); after its responses it waits for more
+    (the engine is still generating) until released."""
+
+    def __init__(self, responses: list[_Response]) -> None:
+        self.responses = list(responses)
+        self.release = threading.Event()
+
+    def __iter__(self) -> "_BlockingIterator":
+        return self
+
+    def __next__(self) -> _Response:
+        if self.responses:
+            return self.responses.pop(0)
+        self.release.wait(10)
+        raise StopIteration
+
+
+class _CancellableIterator(_BlockingIterator):
+    def __init__(self, responses: list[_Response]) -> None:
+        super().__init__(responses)
+        self.cancelled = 0
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        self.release.set()
+
+
+class FakePb:
+    """The slice of triton_python_backend_utils that BlsEngineClient uses."""
+
+    class TritonError:
+        INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, CANCELLED = 1, 2, 3, 4, 5
+
+    def __init__(self, iterator: _BlockingIterator) -> None:
+        self.iterator = iterator
+        self.requests: list[dict[str, Any]] = []
+        pb = self
+
+        class InferenceRequest:
+            def __init__(self, **kwargs: Any) -> None:
+                pb.requests.append(kwargs)
+
+            async def async_exec(self, decoupled: bool) -> _BlockingIterator:
+                assert decoupled
+                return pb.iterator
+
+        self.InferenceRequest = InferenceRequest
+
+    Tensor = _Tensor
+
+    def is_model_ready(self, model_name: str) -> bool:
+        return model_name == "context_0"
+
+
+def _client(iterator: _BlockingIterator) -> tuple[BlsEngineClient, FakePb]:
+    pb = FakePb(iterator)
+    return BlsEngineClient(pb, ("output_ids",)), pb
+
+
+def test_replies_arrive_in_order_and_the_request_carries_id_and_parameters() -> None:
+    iterator = _BlockingIterator([_Response([1]), _Response([2, 3]), _Response()])  # the last: flags-only
+    iterator.release.set()
+    client, pb = _client(iterator)
+
+    async def body() -> list[tuple[int, ...]]:
+        stream = client.stream("generation_0", {"input_ids": np.zeros((1, 2), np.int32)}, {"request_type": "generation_only"}, "r:gen")
+        return [tuple(reply.tensors["output_ids"].reshape(-1)) async for reply in stream]  # type: ignore[index]
+
+    assert asyncio.run(body()) == [(1,), (2, 3)]
+    (sent,) = pb.requests
+    assert sent["request_id"] == "r:gen" and sent["parameters"] == {"request_type": "generation_only"}
+
+
+def test_engine_errors_map_back_to_their_codes_without_the_prefix() -> None:
+    iterator = _BlockingIterator([_Response(error=_Error("NOT_FOUND: no such lease", FakePb.TritonError.NOT_FOUND))])
+    iterator.release.set()
+    client, _ = _client(iterator)
+
+    async def body() -> Any:
+        return [reply async for reply in client.stream("generation_0", {}, {}, "r:gen")]
+
+    (reply,) = asyncio.run(body())
+    assert reply.error.code is ErrorCode.NOT_FOUND and reply.error.message == "no such lease"
+
+
+def test_abandoning_a_stream_cancels_the_child_where_triton_can() -> None:
+    iterator = _CancellableIterator([_Response([1])])
+    client, _ = _client(iterator)
+
+    async def body() -> None:
+        stream = client.stream("generation_0", {}, {}, "r:gen")
+        first = await anext(stream)
+        assert first.tensors is not None
+        await stream.aclose()  # the orchestrator leaves (stop, timeout, client gone)
+
+    asyncio.run(body())
+    assert iterator.cancelled == 1
+
+
+def test_a_stream_read_to_its_end_is_not_cancelled() -> None:
+    iterator = _CancellableIterator([_Response([1])])
+    iterator.release.set()
+    client, _ = _client(iterator)
+
+    async def body() -> None:
+        assert len([reply async for reply in client.stream("generation_0", {}, {}, "r:gen")]) == 1
+
+    asyncio.run(body())
+    assert iterator.cancelled == 0
+
+
+def test_readiness_is_tritons() -> None:
+    client, _ = _client(_BlockingIterator([]))
+    assert asyncio.run(client.is_ready("context_0")) and not asyncio.run(client.is_ready("context_9"))
