@@ -18,6 +18,8 @@ Routing (`orchestrator.routing`):
 - `tokens_per_block` (32): the engines' KV block size, for the router's block hashes.
 - `prefix_index_blocks` (4096): blocks the router remembers per engine.
 - `log_routing` (false): log every decision (phase, policy, engine, matched blocks).
+- `log_requests` (false), `log_requests_per_s` (10): one INFO line per finished request
+  (id, engines, phase times, outcome), at most that many a second (the rest are counted).
 
 Conditional disaggregation (both off at 0): the whole request goes to the generation
 engine, skipping the context hop, when
@@ -122,6 +124,8 @@ class OrchestratorConfig:
     tokens_per_block: int = 32
     prefix_index_blocks: int = 4096
     log_routing: bool = False
+    log_requests: bool = False
+    log_requests_per_s: float = 10.0
     local_prefill_max_tokens: int = 0
     context_queue_threshold: int = 0
     max_retries: int = 2

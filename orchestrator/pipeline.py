@@ -61,7 +61,9 @@ from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
 from orchestrator.router import Phase, RouteDecision, Router
+from orchestrator.metric_registry import MemoryRegistry
 from orchestrator.routing import RouteRequest
+from orchestrator.telemetry import SPECS, RequestRecord, Telemetry
 
 Tensors = Mapping[str, np.ndarray]
 T = TypeVar("T")
@@ -94,6 +96,15 @@ class _Progress:
     leases: dict[str, str] = field(default_factory=dict)  # finished context child -> engine, until its KV is pulled
     phase: str = "routing"  # where the request is (for timeout messages)
     ending: str = ""  # why its task was cancelled on purpose: "stop" or "client"
+    outcome: str = "ok"  # for metrics and the request log: ok, stopped, cancelled, timed_out, error code
+    path: str = ""  # "disaggregated" or "local"
+    context_engine: str = ""
+    generation_engine: str = ""
+    context_sent_ns: int = 0
+    context_done_ns: int = 0
+    generation_sent_ns: int = 0
+    last_token_ns: int = 0
+    retries: int = 0
 
     def kv_blocks(self) -> tuple[int, int, int]:
         """KV blocks the request held on both engines: new, reused (prefix hits), total."""
@@ -156,11 +167,16 @@ class Orchestrator:
         client: EngineClient,
         router: Router | None = None,
         log: Callable[[str], None] = lambda message: None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.router = router or Router(config)
         self.log = log
+        self.telemetry = telemetry or Telemetry(MemoryRegistry(SPECS), deferred=False)
+        self.router.listeners.append(
+            lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt)
+        )
         self.membership = Membership(self.router, client, config, log)
         self.in_flight: dict[str, _InFlight] = {}
         self._stopping: set[asyncio.Task[None]] = set()  # stop requests on their way to engines
@@ -299,16 +315,29 @@ class Orchestrator:
         finally:
             deadline.disarm()
             self._release(progress)
+            self.telemetry.request_done(self._record(progress, key))
+
+    def _record(self, p: _Progress, key: str) -> RequestRecord:
+        return RequestRecord(
+            request_id=key, streaming=p.request.streaming, outcome=p.outcome, path=p.path,
+            context_engine=p.context_engine, generation_engine=p.generation_engine,
+            prompt_tokens=len(p.request.input_ids), output_tokens=len(p.generated), retries=p.retries,
+            arrival_ns=p.arrival_ns, context_sent_ns=p.context_sent_ns, context_done_ns=p.context_done_ns,
+            generation_sent_ns=p.generation_sent_ns, first_token_ns=p.first_token_ns, last_token_ns=p.last_token_ns,
+            end_ns=time.time_ns(),
+        )  # fmt: skip
 
     def _ended_early(self, p: _Progress, deadline: StallTimer) -> bool:
         """The request's task was cancelled: say why in the one final response; returns whether
         we cancelled it ourselves (stop, client cancellation, deadline)."""
         if p.ending == "stop":
+            p.outcome = "stopped"
             if not p.closed:
                 self._close(p)
             return True
         if deadline.fired:
             deadline.absorb()
+            p.outcome = "timed_out"
             self._fail(p, EngineUnavailable(
                 f"request timed out: no result within request_timeout_s={deadline.timeout_s:g} "
                 f"(it was in the {p.phase} phase)"
@@ -317,6 +346,7 @@ class Orchestrator:
         if p.ending == "client":
             self._fail(p, RequestError("request cancelled by the client", ErrorCode.CANCELLED))
             return True
+        p.outcome = "cancelled"
         self._fail(p, RequestError("request cancelled: the orchestrator is shutting down", ErrorCode.CANCELLED))
         return False
 
@@ -352,6 +382,8 @@ class Orchestrator:
         generation = self.router.pick(Phase.GENERATION, route)
         local = self.router.local_reason(generation, route)
         self.router.count_path(local)
+        self.telemetry.path(local)
+        p.path = "disaggregated" if local is None else "local"
         if local is not None:  # conditional disaggregation: both phases on the generation engine
             await self._generation(p, tensors, route, generation, None, key)
             return
@@ -377,6 +409,7 @@ class Orchestrator:
         for attempt in range(self.config.max_retries + 1):
             decision = self._pick(Phase.CONTEXT, route, tried, attempt, last)
             tried.append(decision.engine)
+            p.context_engine, p.context_sent_ns, p.retries = decision.engine, time.time_ns(), p.retries + (attempt > 0)
             try:
                 with self.router.track(decision, route.prompt_tokens):
                     attempt_run = self._context_attempt(p, decision.engine, tensors, _child_id(key, "ctx", attempt))
@@ -451,8 +484,9 @@ class Orchestrator:
             if not p.first_scheduled_ns:
                 p.first_scheduled_ns = context.perf.first_scheduled_time_ns
             p.kv_context = _kv_counts(context.perf)
+        p.context_done_ns = time.time_ns()
         if not p.first_token_ns:
-            p.first_token_ns = time.time_ns()
+            p.first_token_ns = p.last_token_ns = p.context_done_ns
 
     # -- generation phase (or both phases, without a blob) -----------------------------------
     async def _generation(
@@ -468,6 +502,8 @@ class Orchestrator:
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 decision = self._pick(Phase.GENERATION, route, tried, attempt, last)
+                p.retries += 1
+            p.generation_engine, p.generation_sent_ns = decision.engine, time.time_ns()
             try:
                 with self.router.track(decision, route.prompt_tokens + route.max_tokens):
                     attempt_run = self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
@@ -521,8 +557,10 @@ class Orchestrator:
                 repeat_pending = False
                 if tokens[0] == p.generated[0]:
                     tokens = tokens[1:]
-            if tokens and not p.first_token_ns:
-                p.first_token_ns = time.time_ns()
+            if tokens:
+                p.last_token_ns = time.time_ns()
+                if not p.first_token_ns:
+                    p.first_token_ns = p.last_token_ns
             p.generated.extend(tokens)
             done = p.finished()
             if req.streaming and (tokens or done):
@@ -590,6 +628,8 @@ class Orchestrator:
     def _fail(self, p: _Progress, error: RequestError) -> None:
         if p.closed:
             return
+        if p.outcome == "ok":  # a timeout or stop named it already
+            p.outcome = error.code.value.lower()
         p.closed = True
         try:
             p.sink.fail(error)

@@ -16,7 +16,28 @@ from typing import Sequence
 
 import requests
 
+from orchestrator.gauges import HOLDING
+
 _SAMPLE = re.compile(r"^(disagg_\w+)\{model=\"([^\"]*)\"\} (\S+)$", re.MULTILINE)
+_ANY = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(url: str, prefix: str = "disagg_") -> list[tuple[str, dict[str, str], float]]:
+    """Every sample whose name starts with `prefix`: (name, labels, value)."""
+    text = requests.get(f"http://{url}/metrics", timeout=10).text
+    out = []
+    for name, labels, value in _ANY.findall(text):
+        if name.startswith(prefix):
+            out.append((name, dict(_LABEL.findall(labels)), float(value)))
+    return out
+
+
+def total(scraped: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """The sum of `name` over the samples whose labels include `labels` (a counter's or a
+    histogram's `_count` across engines, say)."""
+    want = set(labels.items())
+    return sum(value for n, got, value in scraped if n == name and want <= set(got.items()))
 
 
 def gauges(url: str, timeout_s: float = 10.0) -> dict[str, float]:
@@ -26,8 +47,8 @@ def gauges(url: str, timeout_s: float = 10.0) -> dict[str, float]:
 
 
 def held(url: str) -> dict[str, float]:
-    """The gauges that are not zero: something is in flight, or leaked."""
-    return {key: value for key, value in gauges(url).items() if value}
+    """The holding gauges that are not zero: something is in flight, or leaked."""
+    return {key: value for key, value in gauges(url).items() if value and key.split("{")[0] in HOLDING}
 
 
 def wait_released(url: str, timeout_s: float = 30.0, poll_s: float = 0.1) -> dict[str, float]:

@@ -29,6 +29,7 @@ ORCHESTRATOR = {
     "health_check_s": "0.1",
     "pool_poll_s": "0.1",
     "log_routing": "true",
+    "log_requests": "true",
 }
 PREFIX = "You are a careful assistant. Answer briefly and cite the manual section by number. " * 4
 
@@ -105,6 +106,16 @@ def test_short_prompt_skips_the_context_hop(deployment: Deployment) -> None:
     assert result["text"]
     assert after["context_0"] + after["context_1"] == before["context_0"] + before["context_1"]
     assert after["generation_0"] + after["generation_1"] == before["generation_0"] + before["generation_1"] + 1
+
+
+def test_each_finished_request_logs_one_line_with_its_engines_and_times(deployment: Deployment) -> None:
+    deltas = list(generate(deployment.server.grpc_url, PREFIX + "Which section?", 5, stream=True, request_id="logged-7"))
+    assert deltas[-1].final
+    until(lambda: bool(deployment.log_lines("request id=logged-7 ")), lambda: time.sleep(0.05), timeout_s=10)
+    (line,) = deployment.log_lines("request id=logged-7 ")
+    fields = dict(part.split("=", 1) for part in line.rstrip().rstrip("\"").split("request ", 1)[1].split())  # Triton quotes it
+    assert fields["outcome"] == "ok" and fields["streaming"] == "true" and fields["output_tokens"] == "5"
+    assert fields["generation"].startswith("generation_") and float(fields["e2e_ms"]) >= float(fields["ttft_ms"])
 
 
 def test_failing_engine_is_skipped_and_comes_back_when_fixed(deployment: Deployment) -> None:

@@ -45,6 +45,8 @@ from orchestrator.engine.tiny_model import InductionModel, SequenceKV
 from orchestrator.engine.sequence import EngineSequence, Sink, output_for
 from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
 from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
+from orchestrator.metric_registry import MemoryRegistry
+from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
 MIN_IDLE_POLL_S = 0.005  # a loop with only queued or pulling requests sleeps at least this between checks
 
@@ -58,8 +60,10 @@ class EngineCore:
         config: EngineConfig,
         transport: KVTransport | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.name = name
+        self.telemetry = telemetry or Telemetry(MemoryRegistry(ENGINE_SPECS), deferred=False)
         self.config = config
         self.geometry = config.geometry
         self.model = InductionModel(self.geometry)
@@ -234,6 +238,10 @@ class EngineCore:
             "kv_blocks_reserved": self.kv.reserved,
         }
 
+    def capacity(self) -> dict[str, int]:
+        """Free blocks (empty or holding a reusable prefix) and blocks holding a prefix (exported)."""
+        return {"kv_blocks_free": self.kv.pool.num_free, "kv_blocks_cached": self.kv.pool.num_cached}
+
     def check_idle(self) -> None:
         """Assert nothing is held: no request, no lease, every block free (tests' leak check)."""
         assert self.active == 0, f"{self.active} requests still active on '{self.name}'"
@@ -337,6 +345,11 @@ class EngineCore:
         seq.alloc = alloc
         seq.kv = SequenceKV(key=seq.request.sampling.key(), table=alloc.blocks)
         seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
+        engine = {"engine": self.name}
+        self.telemetry.inc("disagg_engine_prefix_hit_blocks_total", engine, alloc.reused)
+        self.telemetry.inc("disagg_engine_new_blocks_total", engine, self.kv.blocks_for(seq.prompt_tokens) - alloc.reused)
+        queued_s = max(0, self._clock_ns() - seq.arrival_ns) / 1e9
+        self.telemetry.observe("disagg_engine_queue_seconds", {**engine, "phase": seq.request.request_type.value}, queued_s)
 
     # -- KV pulls (generation_only) ----------------------------------------------------
     def _start_pull(self, seq: EngineSequence) -> bool:
@@ -365,6 +378,9 @@ class EngineCore:
             self.kv.commit(alloc, seq.tokens)
             pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
             await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (time.perf_counter() - started)))
+            engine = {"engine": self.name}
+            self.telemetry.observe("disagg_engine_kv_transfer_seconds", engine, time.perf_counter() - started)
+            self.telemetry.observe("disagg_engine_kv_transfer_bytes", engine, float(getattr(shards, "nbytes", 0)))
         except asyncio.CancelledError:
             raise  # whoever cancelled (cancellation, shutdown) has ended the sequence
         except Exception as exc:  # noqa: BLE001 - becomes this request's error

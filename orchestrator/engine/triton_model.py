@@ -15,6 +15,8 @@ from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.core import EngineCore
 from orchestrator.errors import RequestError, as_request_error
 from orchestrator.gauges import StateGauges
+from orchestrator.metric_registry import TritonRegistry
+from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
 
 class _EngineSink:
@@ -40,8 +42,12 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         self.config = EngineConfig.from_parameters(io.model_parameters(args))
-        self.core = EngineCore(args["model_name"], self.config)
-        self.gauges = StateGauges(pb_utils, "disagg_engine", args["model_name"], self.core.state)
+        self.telemetry = Telemetry(TritonRegistry(pb_utils, ENGINE_SPECS))
+        self.core = EngineCore(args["model_name"], self.config, telemetry=self.telemetry)
+        self.gauges = StateGauges(
+            pb_utils, "disagg_engine", args["model_name"], lambda: {**self.core.state(), **self.core.capacity()},
+            also=self.telemetry.flush,
+        )  # fmt: skip
 
     async def execute(self, requests: list[Any]) -> None:
         self.gauges.ensure_started()

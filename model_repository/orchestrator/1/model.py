@@ -20,6 +20,8 @@ from orchestrator.contract import PERF_OUTPUTS, is_stop_request, parse_request  
 from orchestrator.dispatch import EndpointClient  # noqa: E402
 from orchestrator.errors import as_request_error  # noqa: E402
 from orchestrator.gauges import StateGauges  # noqa: E402
+from orchestrator.metric_registry import TritonRegistry  # noqa: E402
+from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 
 ENGINE_OUTPUTS = (
@@ -34,10 +36,14 @@ class TritonPythonModel:
         config = OrchestratorConfig.from_parameters(io.model_parameters(args), model_dir)
         log = pb_utils.Logger.log_info
         self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS))
-        self.orchestrator = Orchestrator(config, self.client, log=log)
+        request_log = RateLimitedLog(log, config.log_requests_per_s) if config.log_requests else None
+        self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
+        self.orchestrator = Orchestrator(config, self.client, log=log, telemetry=self.telemetry)
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
-        self.gauges = StateGauges(pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state)
+        self.gauges = StateGauges(
+            pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state, also=self.telemetry.flush
+        )
 
     async def execute(self, requests):
         self.gauges.ensure_started()
