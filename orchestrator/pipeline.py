@@ -237,10 +237,23 @@ class Orchestrator:
         progress = _Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
         task = loop.create_task(self._serve(progress, tensors, key))
         self.in_flight[key] = _InFlight(task, progress)
-        task.add_done_callback(lambda _t, k=key: self.in_flight.pop(k, None))
+        task.add_done_callback(lambda t, k=key, p=progress: self._task_done(t, k, p))
         if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
             self._watcher = loop.create_task(self._watch_cancellations())
         return task
+
+    def _task_done(self, task: asyncio.Task[None], key: str, p: _Progress) -> None:
+        """Forget the request; if it never answered, answer now. A task cancelled before its
+        first step (a stop right behind its request) never ran `_serve`, so nothing else would."""
+        self.in_flight.pop(key, None)
+        if p.closed:
+            return
+        if task.cancelled():
+            self._ended_early(p, StallTimer(0))
+        else:  # _serve always answers; this is the net under a bug, never a silent hang
+            self._fail(p, RequestError("bug: the request ended without a response", ErrorCode.INTERNAL))
+        self._release(p)
+        self.telemetry.request_done(self._record(p, key))
 
     def stop(self, request: EngineRequest, sink: ResponseSink) -> bool:
         """TensorRT-LLM's `stop=true`: end the in-flight request with this request's id with an

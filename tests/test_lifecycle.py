@@ -314,3 +314,28 @@ def test_no_leaks_after_a_mix_of_success_errors_stops_cancels_and_timeouts() -> 
         "generation_1": engine(1.0, fault="slow", fault_rate=0.3, fault_delay_ms=20.0),
     }
     run(body, configs=faulty, routing={"engine_timeout_s": 0.3, "cancel_check_ms": 5, "request_timeout_s": 5.0})
+
+
+@pytest.mark.parametrize("ending", ["stop", "client", "shutdown"])
+def test_a_request_ended_before_its_task_ever_ran_still_gets_its_one_final_response(ending: str) -> None:
+    """A stop right behind its request cancels the task before its first step, where no code of
+    the request runs; the task's done-callback answers instead (found by the soak: a hang)."""
+
+    async def body(c: Cluster) -> None:
+        task, sink = start(c, PROMPTS["ascii"], 1, "instant", streaming=True)
+        if ending == "stop":
+            c.orch.stop(stop_request("instant"), StopSink())
+        elif ending == "client":
+            c.orch.in_flight["instant"].progress.ending = "client"
+            task.cancel()
+        else:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        last = sink.terminal()
+        if ending == "stop":
+            assert last.error is None and last.ids == ()
+        else:
+            assert last.error is not None and last.error.code is ErrorCode.CANCELLED
+        assert c.orch.state() == ORCH_IDLE
+
+    run(body)
