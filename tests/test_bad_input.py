@@ -202,6 +202,8 @@ def test_bad_context_phase_params_are_invalid_arg(server: TritonServer, kind: st
     outcome = call(server, "generation_1", tensors, "blob-user:gen", GEN)
     assert outcome.error is not None and outcome.error.message().startswith("INVALID_ARG: ")
     assert "context_phase_params" in outcome.error.message()
+    # nobody will pull that prefill: free it now rather than after kv_lease_timeout_s
+    assert call(server, "context_0", token_request(stop=np.array([[True]])), "blob-source:ctx").error is None
 
 
 def test_stale_context_phase_params_are_not_found(server: TritonServer) -> None:
