@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import deque
 from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
+from orchestrator.contract import coalesce
 from orchestrator.engine_client import EngineReply
 from orchestrator.errors import ErrorCode, RequestError
 
@@ -43,6 +45,7 @@ class BlsEngineClient:
     def __init__(self, pb_utils: Any, requested_outputs: tuple[str, ...]) -> None:
         self.pb = pb_utils
         self.requested_outputs = list(requested_outputs)
+        self.coalesced = 0  # token replies joined into an earlier one (the loop was behind)
 
     async def is_ready(self, engine: str) -> bool:
         """Triton's own readiness of the engine model (False while unloaded or loading)."""
@@ -105,13 +108,36 @@ class BlsEngineClient:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         threading.Thread(target=read, name=f"bls-{engine}-{request_id}", daemon=True).start()
+        pending: deque[Any] = deque()  # taken from the queue while coalescing, not yet handled
         while True:
-            item = await queue.get()
+            item = pending.popleft() if pending else await queue.get()
             if item is _END:
                 return
             if isinstance(item, Exception):
                 yield EngineReply(error=RequestError(f"engine '{engine}' stream failed: {item}", ErrorCode.UNAVAILABLE))
                 continue
             reply = self._reply(item)
-            if reply is not None:
-                yield reply
+            if reply is None:
+                continue
+            if reply.tensors is not None and not queue.empty():
+                reply = self._coalesce(reply, queue, pending)
+            yield reply
+
+    def _coalesce(self, first: EngineReply, queue: "asyncio.Queue[Any]", pending: "deque[Any]") -> EngineReply:
+        """Join the token replies already waiting behind `first` (the loop fell behind the
+        engine) into one; the first waiting item that is not one goes to `pending`."""
+        parts = [first.tensors]
+        while not queue.empty():
+            item = queue.get_nowait()
+            reply = None if item is _END or isinstance(item, Exception) else self._reply(item)
+            if reply is not None and reply.tensors is not None:
+                parts.append(reply.tensors)
+            elif reply is None and item is not _END and not isinstance(item, Exception):
+                continue  # a flags-only response: nothing to forward
+            else:
+                pending.append(item)
+                break
+        if len(parts) == 1:
+            return first
+        self.coalesced += len(parts) - 1
+        return EngineReply(tensors=coalesce(parts))  # type: ignore[arg-type]

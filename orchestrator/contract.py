@@ -340,3 +340,28 @@ class EngineOutput:
             num_input_tokens=int(scalar(tensors, "num_input_tokens", 0)),
             num_output_tokens=int(scalar(tensors, "num_output_tokens", 0)),
         )
+
+
+_CONCATENATED = frozenset({"output_ids", "output_log_probs"})  # per-token outputs: along the last axis
+_SUMMED = frozenset({"sequence_length", "cum_log_probs"})
+
+
+def coalesce(responses: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several consecutive streamed responses of one request as one: token outputs joined,
+    lengths summed, everything else (perf outputs, cumulative counts) from the latest.
+
+    Lets a consumer that fell behind forward one response instead of many (each response
+    sent from the python backend is an IPC round trip).
+    """
+    if len(responses) == 1:
+        return dict(responses[0])
+    out = dict(responses[-1])
+    for name in _CONCATENATED:
+        parts = [r[name] for r in responses if name in r]
+        if parts:
+            out[name] = np.concatenate([np.asarray(a) for a in parts], axis=-1)
+    for name in _SUMMED:
+        parts = [r[name] for r in responses if name in r]
+        if parts:
+            out[name] = sum(np.asarray(a) for a in parts)
+    return out

@@ -418,3 +418,17 @@ def test_text_limits_parse_and_errors_name_the_key() -> None:
             with pytest.raises(ValueError) as info:
                 TextLimits.from_parameters({key: raw})
             assert f"'{key}'" in str(info.value)
+
+
+def test_coalesce_joins_token_outputs_and_keeps_the_latest_of_the_rest() -> None:
+    from orchestrator.contract import coalesce
+
+    first = {"output_ids": np.array([[[5, 6]]], dtype=np.int32), "sequence_length": np.array([[2]], dtype=np.int32),
+             "num_output_tokens": np.array([[3]], dtype=np.int32), "last_token_time_ns": np.array([[10]], dtype=np.int64)}  # fmt: skip
+    second = {"output_ids": np.array([[[7]]], dtype=np.int32), "sequence_length": np.array([[1]], dtype=np.int32),
+              "num_output_tokens": np.array([[4]], dtype=np.int32), "last_token_time_ns": np.array([[20]], dtype=np.int64)}  # fmt: skip
+    joined = coalesce([first, second])
+    assert joined["output_ids"].tolist() == [[[5, 6, 7]]] and joined["sequence_length"].tolist() == [[3]]
+    assert joined["num_output_tokens"].tolist() == [[4]] and joined["last_token_time_ns"].tolist() == [[20]]
+    assert EngineOutput.from_tensors(joined).tokens == (5, 6, 7)
+    assert coalesce([first]) == first
