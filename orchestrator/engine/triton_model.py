@@ -15,6 +15,7 @@ from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.core import EngineCore
 from orchestrator.errors import RequestError, as_request_error
 from orchestrator.gauges import StateGauges
+from orchestrator.loop_thread import LoopThread
 from orchestrator.metric_registry import TritonRegistry
 from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
@@ -48,10 +49,16 @@ class TritonPythonModel:
             pb_utils, "disagg_engine", args["model_name"], lambda: {**self.core.state(), **self.core.capacity()},
             also=self.telemetry.flush,
         )  # fmt: skip
+        self.loop = LoopThread(f"engine-{args['model_name']}")  # why not async execute: loop_thread.py
+        self.loop.run(self.core.start(), timeout_s=30)
+        self.loop.call(self.gauges.ensure_started)
 
-    async def execute(self, requests: list[Any]) -> None:
-        self.gauges.ensure_started()
-        await self.core.start()
+    def execute(self, requests: list[Any]) -> None:
+        self.loop.call(self._intake, requests)
+        return None
+
+    def _intake(self, requests: list[Any]) -> None:
+        """On the engine's loop thread: queue each request (or stop the one it names)."""
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -64,10 +71,13 @@ class TritonPythonModel:
                 self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request), parameters.get("fault"))
             except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
                 sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
 
     def finalize(self) -> None:
+        try:  # in-flight requests end UNAVAILABLE, blocks and leases are freed, the store unlinked
+            self.loop.run(self._close(), timeout_s=10)
+        finally:
+            self.loop.stop()
+
+    async def _close(self) -> None:
         self.gauges.stop()
-        # The engine loop may still be running on the stub's event loop thread: only remove
-        # the shared-memory name here; the mapping itself goes away with this process.
-        self.core.store.unlink()
+        await self.core.close()

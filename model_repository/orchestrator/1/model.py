@@ -1,6 +1,7 @@
 """The disaggregated orchestrator model (logic: orchestrator/pipeline.py).
 
-Decoupled and async: execute() only parses each request and starts its task, so one
+Decoupled: execute() hands each batch to the orchestrator's own event loop thread
+(orchestrator/loop_thread.py says why not `async def execute`) and returns, so one
 instance serves many requests at once; every request ends with exactly one final
 response or typed error, sent by the pipeline. A `stop=true` request ends the in-flight
 request with its id. What is in flight is published as `disagg_orchestrator_*` gauges.
@@ -20,6 +21,7 @@ from orchestrator.contract import PERF_OUTPUTS, is_stop_request, parse_request  
 from orchestrator.dispatch import EndpointClient  # noqa: E402
 from orchestrator.errors import as_request_error  # noqa: E402
 from orchestrator.gauges import StateGauges  # noqa: E402
+from orchestrator.loop_thread import LoopThread  # noqa: E402
 from orchestrator.metric_registry import TritonRegistry  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
@@ -44,9 +46,15 @@ class TritonPythonModel:
         self.gauges = StateGauges(
             pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state, also=self.telemetry.flush
         )
+        self.loop = LoopThread("orchestrator-loop")
+        self.loop.call(self.gauges.ensure_started)
 
-    async def execute(self, requests):
-        self.gauges.ensure_started()
+    def execute(self, requests):
+        self.loop.call(self._serve, requests)
+        return None
+
+    def _serve(self, requests):
+        """On the loop thread: parse each request and start its task (or stop the one it names)."""
         for request in requests:
             sink = io.SenderSink(pb_utils, request)
             try:
@@ -58,8 +66,13 @@ class TritonPythonModel:
                     self.orchestrator.start(parsed, tensors, sink)
             except Exception as exc:  # noqa: BLE001 - typed error for this request only
                 sink.fail(as_request_error(exc))
-        return None
 
     def finalize(self):
+        try:  # in-flight requests end CANCELLED, children are stopped, connections close
+            self.loop.run(self._close(), timeout_s=10)
+        finally:
+            self.loop.stop()
+
+    async def _close(self):
         self.gauges.stop()
-        self.orchestrator.close_soon()  # in-flight requests end CANCELLED; connections close
+        await self.orchestrator.close()
