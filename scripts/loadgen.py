@@ -1,0 +1,824 @@
+#!/usr/bin/env python3
+"""Benchmark load generator: sweep the ensemble at fixed concurrencies or request rates.
+
+    scripts/loadgen.py --url 127.0.0.1:8001 (--concurrency 1,16,64 | --rate 2,4,8) --isl fixed:128 \
+        --osl fixed:64 [--count 200] [--time-limit 60] [--engines 4] [--json out.json] [--csv out.csv]
+
+Load modes (one load level at a time; `sweep` runs them in order):
+
+- closed loop, `concurrency=N`: N workers, each sends its next request when its previous
+  one ended, so at most N are in flight (the classic "users" model);
+- open loop, `rate=R`: requests arrive as a Poisson process of R requests/s (exponential
+  gaps from a seeded RNG) whatever the server does, so queueing shows up in TTFT. Workers
+  are added as arrivals need them, up to `max_in_flight` (a safety cap: at the cap the
+  next arrival waits for a free slot and the schedule catches up after).
+
+Both stop sending at `count` requests or `time_limit_s`, whichever comes first, then wait
+up to `drain_timeout_s` for the requests in flight; those still open are stopped
+(`stop=true`) and reported as errors. Throughput is over first send -> last completion.
+
+Each worker owns one connection carrying one request at a time: a gRPC stream
+(`start_stream`; its errors carry no request id, so one request per stream is what lets an
+error be attributed) or an HTTP session on `generate_stream` (server-sent events).
+
+Requests: the prompt has exactly `isl` tokens for the built-in tokenizer (each word of
+`WORDS` with a leading space is one token, and such words never merge); with
+`shared_prefix_tokens` every prompt starts with the same words. Each load level draws
+prompts of its own (a repeated prompt would hit the prefix cache), deterministic for the
+seed; a second run with the same seed against the same server repeats them. Sent with
+`max_tokens=osl`, `end_id=-1` (no end token: exactly osl tokens come back),
+`exclude_input_in_output` and `return_num_output_tokens`. The server's
+`num_output_tokens` is cumulative (tokens generated so far), so a response carries the
+difference from the previous one. The generator talks to loopback only unless
+`allow_remote`: it is a load generator, not a probe of other hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import platform
+import queue
+import random
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+from urllib.parse import urlsplit
+
+if __package__ in (None, ""):  # run as a script: make `scripts` and `orchestrator` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from orchestrator.bench_stats import RequestResult, Summary, load_key, summarize, write_csv, write_json  # noqa: E402
+from orchestrator.tokenizer import WORDS  # noqa: E402
+from scripts.client import ensemble_inputs  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LENGTH_KINDS = ("fixed", "uniform", "normal")
+PROTOCOLS = ("grpc", "http")
+_LOOPBACK_NAMES = ("localhost",)
+_SPACED_WORDS = tuple(" " + w for w in WORDS)  # one token each (see orchestrator/tokenizer.py)
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True, slots=True)
+class LengthDist:
+    """A token-count distribution: fixed `value`, uniform [low, high], or normal(mean, std)."""
+
+    kind: str
+    value: int = 0
+    low: int = 0
+    high: int = 0
+    mean: float = 0.0
+    std: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LENGTH_KINDS:
+            raise ValueError(f"length kind {self.kind!r} is unknown: use one of {list(LENGTH_KINDS)}")
+        if self.kind == "fixed" and self.value < 1:
+            raise ValueError(f"fixed length must be >= 1, got {self.value}")
+        if self.kind == "uniform" and not 1 <= self.low <= self.high:
+            raise ValueError(f"uniform lengths need 1 <= low <= high, got {self.low}:{self.high}")
+        if self.kind == "normal" and (self.mean < 1 or self.std < 0):
+            raise ValueError(f"normal lengths need mean >= 1 and std >= 0, got {self.mean}:{self.std}")
+
+    @classmethod
+    def parse(cls, text: str) -> "LengthDist":
+        """`fixed:128` (or just `128`), `uniform:64:256`, `normal:512:64`."""
+        parts = text.strip().split(":")
+        try:
+            if len(parts) == 1:
+                return cls("fixed", value=int(parts[0]))
+            if parts[0] == "fixed" and len(parts) == 2:
+                return cls("fixed", value=int(parts[1]))
+            if parts[0] == "uniform" and len(parts) == 3:
+                return cls("uniform", low=int(parts[1]), high=int(parts[2]))
+            if parts[0] == "normal" and len(parts) == 3:
+                return cls("normal", mean=float(parts[1]), std=float(parts[2]))
+        except ValueError as exc:
+            raise ValueError(f"length {text!r}: {exc}") from None
+        raise ValueError(f"length {text!r} is not one of fixed:N, uniform:LOW:HIGH, normal:MEAN:STD")
+
+    def sample(self, rng: random.Random) -> int:
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "uniform":
+            return rng.randint(self.low, self.high)
+        return max(1, round(rng.gauss(self.mean, self.std)))
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed:{self.value}"
+        if self.kind == "uniform":
+            return f"uniform:{self.low}:{self.high}"
+        return f"normal:{self.mean:g}:{self.std:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One request of a workload: what the generator sends."""
+
+    prompt: str
+    input_tokens: int
+    max_tokens: int
+
+
+def words_prompt(rng: random.Random, tokens: int) -> str:
+    """`tokens` random leading-space words: exactly `tokens` built-in tokenizer tokens."""
+    return "".join(rng.choice(_SPACED_WORDS) for _ in range(tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Prompt and output lengths plus an optional prefix every prompt shares.
+
+    A prompt is never shorter than the shared prefix plus one token of its own (the sampled
+    length is raised to that), so every prompt has the prefix and prompts stay distinct.
+    """
+
+    isl: LengthDist
+    osl: LengthDist
+    shared_prefix_tokens: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shared_prefix_tokens < 0:
+            raise ValueError(f"shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
+
+    def shared_prefix(self) -> str:
+        return words_prompt(random.Random(f"prefix:{self.seed}"), self.shared_prefix_tokens)
+
+    def requests(self, salt: str = "") -> Iterator[RequestSpec]:
+        """The endless, deterministic sequence of requests for this seed and `salt`.
+
+        Load levels use different salts: a prompt sent again would hit the engines' prefix
+        cache and flatter TTFT. The shared prefix depends on the seed only.
+        """
+        rng = random.Random(f"requests:{self.seed}:{salt}")
+        prefix = self.shared_prefix()
+        floor = self.shared_prefix_tokens + 1 if self.shared_prefix_tokens else 1
+        while True:
+            isl = max(floor, self.isl.sample(rng))
+            osl = self.osl.sample(rng)
+            yield RequestSpec(prefix + words_prompt(rng, isl - self.shared_prefix_tokens), isl, osl)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "isl": self.isl.describe(),
+            "osl": self.osl.describe(),
+            "shared_prefix_tokens": self.shared_prefix_tokens,
+            "seed": self.seed,
+        }
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def host_of(url: str) -> str:
+    """The host of `host:port`, `[::1]:port` or `scheme://host:port`."""
+    parts = urlsplit(url if "://" in url else "//" + url)
+    if not parts.hostname:
+        raise ValueError(f"cannot find a host in url {url!r}: use host:port")
+    return parts.hostname
+
+
+def check_loopback(url: str, allow_remote: bool = False) -> None:
+    """Refuse a non-loopback server unless asked: a load generator must not hit hosts by accident."""
+    if allow_remote:
+        return
+    host = host_of(url)
+    if host in _LOOPBACK_NAMES:
+        return
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    raise ValueError(f"{url!r} is not on loopback (127.0.0.1, localhost, ::1); pass allow_remote / --allow-remote")
+
+
+def _hostport(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _Unfinished(Exception):
+    """The request was still open at its timeout or when the run was aborted."""
+
+
+class Connection(Protocol):
+    """One worker's link to the server, carrying one request at a time."""
+
+    def send(self, request_id: str, spec: RequestSpec, stream: bool) -> RequestResult: ...
+
+    def interrupt(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, InferenceServerException):
+        return exc.message() or str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Attempt:
+    """One request's responses as they arrive, turned into a `RequestResult` at its end.
+
+    Tokens per response come from the server's cumulative `num_output_tokens` (the
+    difference to the previous response); a server that does not send it is counted as
+    one token per non-empty text delta.
+    """
+
+    def __init__(self, request_id: str, spec: RequestSpec, timeout_s: float) -> None:
+        self.request_id, self.spec, self.timeout_s = request_id, spec, timeout_s
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self._events: list[tuple[float, int]] = []
+        self._tokens = 0
+
+    def response(self, arrived: float, cumulative: int | None, text: str) -> None:
+        carried = (1 if text else 0) if cumulative is None else max(0, cumulative - self._tokens)
+        self._tokens += carried
+        self._events.append((arrived, carried))
+
+    def result(self, end: float | None = None, error: str = "") -> RequestResult:
+        end = time.monotonic() if end is None else end
+        return RequestResult.from_responses(
+            self.request_id, self.start, self._events, end, self.spec.input_tokens, error
+        )  # fmt: skip
+
+    def unfinished(self, aborted: bool) -> RequestResult:
+        if aborted:
+            return self.result(error="unfinished: still open when the drain timeout ended the run")
+        return self.result(error=f"unfinished: no final response within {self.timeout_s:g}s")
+
+
+def _run_gated(fn: Callable[[], None], timeout_s: float) -> bool:
+    """Run `fn` in a daemon thread and wait at most `timeout_s` (tritonclient's stream close
+    waits for the server to end the stream, which a stuck request can delay forever)."""
+    done = threading.Event()
+
+    def call() -> None:
+        with contextlib.suppress(Exception):
+            fn()
+        done.set()
+
+    threading.Thread(target=call, daemon=True, name="loadgen-close").start()
+    return done.wait(timeout_s)
+
+
+def _num_output_tokens(result: Any) -> int | None:
+    arr = result.as_numpy("num_output_tokens")
+    return None if arr is None else int(arr.reshape(-1)[0])
+
+
+def _text(result: Any) -> str:
+    arr = result.as_numpy("text_output")
+    return "" if arr is None else b"".join(arr.reshape(-1)).decode("utf-8", errors="replace")
+
+
+class GrpcConnection:
+    """A tritonclient gRPC stream; responses are time-stamped in tritonclient's reader thread."""
+
+    def __init__(self, url: str, model: str, abort: threading.Event, request_timeout_s: float) -> None:
+        self._url, self._model, self._abort, self._timeout_s = _hostport(url), model, abort, request_timeout_s
+        self._open()
+
+    def _open(self) -> None:
+        self._replies: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
+        self._client = grpcclient.InferenceServerClient(self._url)
+        replies = self._replies
+        self._client.start_stream(callback=lambda result, error: replies.put((time.monotonic(), result, error)))
+
+    def send(self, request_id: str, spec: RequestSpec, stream: bool) -> RequestResult:
+        inputs = ensemble_inputs(
+            spec.prompt, spec.max_tokens, stream=stream, end_id=-1,
+            return_num_output_tokens=True, exclude_input_in_output=True,
+        )  # fmt: skip
+        attempt = _Attempt(request_id, spec, self._timeout_s)
+        try:
+            self._client.async_stream_infer(
+                self._model, inputs, request_id=request_id, enable_empty_final_response=True
+            )  # fmt: skip
+            while True:
+                if self._abort.is_set() or time.monotonic() >= attempt.deadline:
+                    raise _Unfinished()
+                try:
+                    arrived, result, error = self._replies.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    self._reopen()  # the error may have ended the stream itself (a gRPC error)
+                    return attempt.result(arrived, _error_text(error))
+                response = result.get_response()
+                if response.id != request_id:
+                    continue  # a late reply of an earlier request on this stream
+                attempt.response(arrived, _num_output_tokens(result), _text(result))
+                if response.parameters["triton_final_response"].bool_param:
+                    return attempt.result(arrived)
+        except _Unfinished:
+            with contextlib.suppress(Exception):  # the ensemble does not pass a cancellation on: stop it
+                self._client.async_stream_infer(self._model, ensemble_inputs("", 1, stop=True), request_id=request_id)
+            time.sleep(0.2)  # let the stop reach the server before the stream is cancelled
+            self._reopen()
+            return attempt.unfinished(self._abort.is_set())
+        except InferenceServerException as exc:  # the stream was already broken (server gone, say)
+            cause = self._stream_error()
+            self._reopen()
+            return attempt.result(error=_error_text(cause or exc))
+
+    def _stream_error(self) -> BaseException | None:
+        """The error that broke the stream: tritonclient hands it to the callback and then
+        refuses every send with a generic message."""
+        while True:
+            try:
+                _, result, error = self._replies.get_nowait()
+            except queue.Empty:
+                return None
+            if result is None and error is not None:
+                return error
+
+    def _reopen(self) -> None:
+        """Drop this stream (it may still owe replies, or be dead) and start a fresh one."""
+        client = self._client
+        _run_gated(lambda: (client.stop_stream(cancel_requests=True), client.close()), 10.0)
+        if not self._abort.is_set():
+            self._open()
+
+    def interrupt(self) -> None:
+        """Nothing to do: `send` polls the abort flag."""
+
+    def close(self) -> None:
+        client = self._client
+        _run_gated(lambda: (client.stop_stream(cancel_requests=False), client.close()), 10.0)
+
+
+class HttpConnection:
+    """`generate_stream` over one `requests` session; each `data:` event is one response."""
+
+    def __init__(self, url: str, model: str, abort: threading.Event, request_timeout_s: float) -> None:
+        import requests  # noqa: PLC0415 - only the HTTP protocol needs it
+
+        self._requests = requests
+        base = (url if "://" in url else f"http://{url}").rstrip("/")
+        self._url = f"{base}/v2/models/{model}"
+        self._abort, self._timeout_s = abort, request_timeout_s
+        self._session = requests.Session()
+        self._response: Any = None
+
+    def send(self, request_id: str, spec: RequestSpec, stream: bool) -> RequestResult:
+        body = {
+            "id": request_id, "text_input": spec.prompt, "max_tokens": spec.max_tokens, "stream": stream,
+            "end_id": -1, "return_num_output_tokens": True, "exclude_input_in_output": True,
+        }  # fmt: skip
+        attempt = _Attempt(request_id, spec, self._timeout_s)
+        timeout = (10.0, self._timeout_s)  # connect, and the longest silence between bytes
+        try:
+            with self._session.post(f"{self._url}/generate_stream", json=body, stream=True, timeout=timeout) as resp:
+                self._response = resp
+                if resp.status_code != 200:
+                    return attempt.result(error=_http_error(resp.text, resp.status_code))
+                for line in resp.iter_lines():
+                    arrived = time.monotonic()
+                    if arrived >= attempt.deadline:
+                        raise _Unfinished()
+                    if not line.startswith(b"data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        return attempt.result(arrived, str(event["error"]))
+                    tokens = event.get("num_output_tokens")
+                    attempt.response(arrived, None if tokens is None else int(tokens), event.get("text_output", ""))
+            return attempt.result()  # the server ends the event stream after the final response
+        except Exception as exc:  # noqa: BLE001 - any transport failure is this request's error
+            if self._abort.is_set() or isinstance(exc, (_Unfinished, self._requests.Timeout)):
+                self._stop(request_id)
+                return attempt.unfinished(self._abort.is_set())
+            return attempt.result(error=_error_text(exc))
+        finally:
+            self._response = None
+
+    def _stop(self, request_id: str) -> None:
+        body = {"id": request_id, "text_input": "", "max_tokens": 1, "stop": True}
+        with contextlib.suppress(Exception):
+            self._requests.post(f"{self._url}/generate", json=body, timeout=5.0)
+
+    def interrupt(self) -> None:
+        """Close the open response so a read blocked on it returns."""
+        resp = self._response
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                resp.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _http_error(text: str, status: int) -> str:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(json.loads(text)["error"])
+    return f"HTTP {status}: {text[:200]}"
+
+
+def connect(protocol: str, url: str, model: str, abort: threading.Event, request_timeout_s: float) -> Connection:
+    if protocol == "grpc":
+        return GrpcConnection(url, model, abort, request_timeout_s)
+    if protocol == "http":
+        return HttpConnection(url, model, abort, request_timeout_s)
+    raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
+
+
+# --------------------------------------------------------------------------- one load level
+
+
+class _Run:
+    """What the threads of one load level share: the request source, results, the bounds."""
+
+    def __init__(self, workload: Workload, salt: str, count: int, time_limit_s: float | None) -> None:
+        self.lock = threading.Lock()
+        self.abort = threading.Event()
+        self._specs = workload.requests(salt)
+        self._count = count
+        self.sent = 0
+        self.done = 0
+        self.errors = 0
+        self.results: list[tuple[int, RequestResult]] = []
+        self.started = time.monotonic()
+        self.send_deadline = self.started + time_limit_s if time_limit_s else float("inf")
+        self.tag = uuid.uuid4().hex[:8]
+
+    def take(self) -> tuple[str, int, RequestSpec] | None:
+        """The next request to send, or None once `count` is reached or the time is up."""
+        with self.lock:
+            if self.abort.is_set() or self.sent >= self._count or time.monotonic() >= self.send_deadline:
+                return None
+            index = self.sent
+            self.sent += 1
+            return f"lg-{self.tag}-{index}", index, next(self._specs)
+
+    def record(self, index: int, result: RequestResult) -> None:
+        with self.lock:
+            self.results.append((index, result))
+            self.done += 1
+            self.errors += not result.ok
+
+    def ordered(self) -> list[RequestResult]:
+        with self.lock:
+            return [r for _, r in sorted(self.results, key=lambda item: item[0])]
+
+
+Job = tuple[str, int, RequestSpec]
+
+
+def _worker(
+    run: _Run, conn: Connection, take: Callable[[], Job | None], stream: bool, done: Callable[[], None]
+) -> None:
+    try:
+        while (job := take()) is not None:
+            request_id, index, spec = job
+            run.record(index, conn.send(request_id, spec, stream))
+            done()
+    finally:
+        conn.close()
+
+
+class _Progress:
+    """One self-overwriting status line on stderr (no dependency, nothing when off)."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled, self.label, self._last = enabled, label, 0.0
+
+    def show(self, run: _Run, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.25):
+            return
+        self._last = now
+        line = (
+            f"\r{self.label}: {run.done}/{run.sent} done, {run.errors} errors, "
+            f"{run.sent - run.done} in flight, {now - run.started:.1f}s"
+        )
+        sys.stderr.write(line.ljust(78))
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _drain(
+    run: _Run, threads: list[threading.Thread], conns: list[Connection], timeout_s: float, progress: _Progress
+) -> None:
+    """Wait for the workers; past `timeout_s` abort the open requests (they become errors)."""
+    deadline = time.monotonic() + timeout_s
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        for t in threads:
+            t.join(timeout=0.1)
+        progress.show(run)
+    if any(t.is_alive() for t in threads):
+        run.abort.set()
+        for conn in conns:
+            conn.interrupt()
+        for t in threads:
+            t.join(timeout=30.0)
+
+
+def _nothing() -> None:
+    """A closed-loop worker has no slot to give back."""
+
+
+def _closed_loop(run: _Run, concurrency: int, make_conn: Callable[[], Connection], stream: bool,
+                 drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
+    conns = [make_conn() for _ in range(concurrency)]
+    threads = [
+        threading.Thread(target=_worker, args=(run, c, run.take, stream, _nothing), daemon=True, name=f"loadgen-{i}")
+        for i, c in enumerate(conns)
+    ]
+    for t in threads:
+        t.start()
+    # Sending ends by itself (count or deadline); the drain clock starts at the deadline.
+    while any(t.is_alive() for t in threads) and time.monotonic() < run.send_deadline:
+        time.sleep(0.1)
+        progress.show(run)
+    _drain(run, threads, conns, drain_timeout_s, progress)
+
+
+def _sleep_until(at: float, run: _Run, progress: _Progress) -> bool:
+    """Sleep until the arrival time `at`; False if sending ended first."""
+    while (wait := at - time.monotonic()) > 0:
+        if time.monotonic() >= run.send_deadline:
+            return False
+        time.sleep(min(wait, 0.1))
+        progress.show(run)
+    return time.monotonic() < run.send_deadline
+
+
+def _acquire(slots: threading.Semaphore, run: _Run, progress: _Progress) -> bool:
+    """A slot under the in-flight cap; False if sending ended while waiting at the cap."""
+    while not slots.acquire(timeout=0.1):
+        progress.show(run)
+        if time.monotonic() >= run.send_deadline:
+            return False
+    return True
+
+
+def _open_loop(run: _Run, rate: float, seed: int, max_in_flight: int, make_conn: Callable[[], Connection],
+               stream: bool, drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
+    """Poisson arrivals; a worker per request in flight (added on demand, kept for reuse)."""
+    arrivals = random.Random(f"arrivals:{seed}")
+    jobs: queue.Queue[Job | None] = queue.Queue()
+    slots = threading.Semaphore(max_in_flight)
+    in_flight = 0
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+    conns: list[Connection] = []
+
+    def finished() -> None:
+        nonlocal in_flight
+        with lock:
+            in_flight -= 1
+        slots.release()
+
+    next_at = time.monotonic()
+    while _sleep_until(next_at, run, progress) and _acquire(slots, run, progress):
+        job = run.take()
+        if job is None:
+            slots.release()
+            break
+        with lock:
+            in_flight += 1
+            grow = in_flight > len(threads)
+        if grow:  # every queued or running job must have a worker of its own
+            conn = make_conn()
+            name = f"loadgen-{len(threads)}"
+            args = (run, conn, jobs.get, stream, finished)
+            thread = threading.Thread(target=_worker, args=args, daemon=True, name=name)
+            conns.append(conn)
+            threads.append(thread)
+            thread.start()
+        jobs.put(job)
+        next_at += arrivals.expovariate(rate)
+    for _ in threads:
+        jobs.put(None)
+    _drain(run, threads, conns, drain_timeout_s, progress)
+
+
+def run_load(
+    url: str,
+    workload: Workload,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    count: int,
+    time_limit_s: float | None,
+    stream: bool = True,
+    protocol: str = "grpc",
+    model: str = "ensemble",
+    engines: int = 1,
+    progress: bool = False,
+    max_in_flight: int = 1024,
+    drain_timeout_s: float = 60.0,
+    request_timeout_s: float = 300.0,
+    allow_remote: bool = False,
+    salt: str | None = None,
+) -> tuple[list[RequestResult], Summary]:
+    """One load level: closed loop at `concurrency` or open loop at `rate` requests/s.
+
+    The prompts are the workload's for `salt`, by default one per mode and load, so every
+    level of a sweep sends prompts of its own (see `Workload.requests`).
+    """
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if engines < 1:
+        raise ValueError(f"engines must be >= 1 (every engine of the deployment), got {engines}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
+    check_loopback(url, allow_remote)
+    mode, load = ("concurrency", concurrency) if concurrency is not None else ("rate", rate)
+    assert load is not None
+    run = _Run(workload, f"{mode}:{load_key(load)}" if salt is None else salt, count, time_limit_s)
+    bar = _Progress(progress, f"{mode} {load:g}")
+
+    def make_conn() -> Connection:
+        return connect(protocol, url, model, run.abort, request_timeout_s)
+
+    if concurrency is not None:
+        _closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
+    else:
+        _open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
+    bar.show(run, force=True)
+    bar.end()
+    results = run.ordered()
+    if results:
+        first = min(r.start_s for r in results)
+        duration = max(r.start_s + r.e2e_s for r in results) - first
+    else:
+        duration = time.monotonic() - run.started
+    return results, summarize(results, max(duration, 1e-9), engines, mode, load)
+
+
+def sweep(
+    url: str, workload: Workload, loads: Sequence[float], mode: str, **options: Any
+) -> tuple[list[Summary], dict[float, list[RequestResult]]]:
+    """`run_load` at each load in order (`mode`: "concurrency" or "rate"); options as there."""
+    if mode not in ("concurrency", "rate"):
+        raise ValueError(f"mode {mode!r} is unknown: use 'concurrency' or 'rate'")
+    if len(set(loads)) != len(loads):
+        raise ValueError(f"loads must be distinct, got {list(loads)}")
+    summaries: list[Summary] = []
+    results: dict[float, list[RequestResult]] = {}
+    for load in loads:
+        rs, summary = run_load(url, workload, **{mode: load}, **options)
+        summaries.append(summary)
+        results[load] = rs
+    return summaries, results
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+TABLE_COLUMNS = (
+    "load", "req/s", "out tok/s", "tok/s/user", "tok/s/engine", "TTFT p50", "TTFT p99",
+    "ITL p50", "ITL p99", "E2E p50", "E2E p99", "errors",
+)  # fmt: skip
+
+
+def format_table(summaries: Sequence[Summary]) -> str:
+    """One row per load level; latencies in ms."""
+    rows = [list(TABLE_COLUMNS)]
+    for s in summaries:
+        rows.append([
+            f"{s.load:g}", _num(s.requests_per_s, 2), _num(s.output_tokens_per_s), _num(s.tokens_per_s_per_user),
+            _num(s.output_tokens_per_s_per_engine), _ms(s.ttft_p50_s), _ms(s.ttft_p99_s), _ms(s.itl_p50_s),
+            _ms(s.itl_p99_s), _ms(s.e2e_p50_s), _ms(s.e2e_p99_s), f"{s.errors}/{s.count}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    mode = summaries[0].mode if summaries else "load"
+    return f"({mode}; latencies in ms)\n" + "\n".join(lines)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_meta(argv: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """What a reader of the JSON needs to reproduce the run."""
+    return {
+        "command": shlex.join(["scripts/loadgen.py", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "git_commit": _git_commit(),
+        **extra,
+    }
+
+
+def _loads(text: str, kind: type) -> list[Any]:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="server host:port (the HTTP port with --protocol http)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    parser.add_argument("--model", default="ensemble")
+    loads = parser.add_mutually_exclusive_group(required=True)
+    loads.add_argument("--concurrency", type=lambda t: _loads(t, int), help="closed loop: e.g. 1,16,64")
+    loads.add_argument("--rate", type=lambda t: _loads(t, float), help="open loop, requests/s: e.g. 2,4,8")
+    parser.add_argument("--isl", type=LengthDist.parse, default=LengthDist.parse("fixed:128"),
+                        help="prompt tokens: fixed:N, uniform:LOW:HIGH, normal:MEAN:STD")  # fmt: skip
+    parser.add_argument("--osl", type=LengthDist.parse, default=LengthDist.parse("fixed:128"), help="output tokens")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=200, help="requests per load level (at most)")
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds of sending per load level (0: none)")
+    parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for requests in flight")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    parser.add_argument("--max-in-flight", type=int, default=1024, help="open loop safety cap")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="engines in the deployment, for tok/s/engine (committed repository: 4)")  # fmt: skip
+    parser.add_argument("--no-stream", action="store_true", help="one response per request (TTFT = E2E)")
+    parser.add_argument("--json", type=Path, help="write summaries, per-request timings and run metadata")
+    parser.add_argument("--csv", type=Path, help="write one row per load level")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a server that is not on loopback")
+    args = parser.parse_args(argv)
+    mode = "concurrency" if args.concurrency else "rate"
+    load_list = args.concurrency or args.rate
+    try:
+        check_loopback(args.url, args.allow_remote)
+        workload = Workload(args.isl, args.osl, args.shared_prefix, args.seed)
+        summaries, results = sweep(
+            args.url, workload, load_list, mode,
+            count=args.count, time_limit_s=args.time_limit or None, stream=not args.no_stream,
+            protocol=args.protocol, model=args.model, engines=args.engines, progress=not args.quiet,
+            max_in_flight=args.max_in_flight, drain_timeout_s=args.drain_timeout,
+            request_timeout_s=args.request_timeout, allow_remote=args.allow_remote,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(summaries))
+    for summary, rs in zip(summaries, results.values()):
+        errors = sorted({r.error for r in rs if not r.ok})
+        if errors:
+            print(f"{mode} {summary.load:g}: {summary.errors} errors, e.g. {errors[0]}", file=sys.stderr)
+    meta = run_meta(
+        list(sys.argv[1:] if argv is None else argv),
+        url=args.url, protocol=args.protocol, model=args.model, mode=mode,
+        workload=workload.describe(), stream=not args.no_stream,
+    )  # fmt: skip
+    if args.json:
+        write_json(args.json, summaries, results, meta)
+    if args.csv:
+        write_csv(args.csv, summaries)
+    return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
