@@ -636,11 +636,14 @@ def run_load(
     request_timeout_s: float = 300.0,
     allow_remote: bool = False,
     salt: str | None = None,
+    connector: Callable[[threading.Event, float], Connection] | None = None,
 ) -> tuple[list[RequestResult], Summary]:
     """One load level: closed loop at `concurrency` or open loop at `rate` requests/s.
 
     The prompts are the workload's for `salt`, by default one per mode and load, so every
-    level of a sweep sends prompts of its own (see `Workload.requests`).
+    level of a sweep sends prompts of its own (see `Workload.requests`). `connector(abort,
+    request_timeout_s)` makes each worker's connection instead of `protocol`'s (other
+    contracts, e.g. token-level models in scripts/overhead.py).
     """
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
@@ -663,6 +666,8 @@ def run_load(
     bar = _Progress(progress, f"{mode} {load:g}")
 
     def make_conn() -> Connection:
+        if connector is not None:
+            return connector(run.abort, request_timeout_s)
         return connect(protocol, url, model, run.abort, request_timeout_s)
 
     if concurrency is not None:

@@ -51,8 +51,11 @@ class ModelSpec:
     parameters: Mapping[str, str] = field(default_factory=dict)
 
 
-def write_model(dest: Path, name: str, spec: ModelSpec, source: Path = DEFAULT_REPOSITORY) -> Path:
-    """Create (or rewrite the config of) `dest/name` from `source/spec.source`."""
+def write_model(
+    dest: Path, name: str, spec: ModelSpec, source: Path = DEFAULT_REPOSITORY, code: Path | None = None
+) -> Path:
+    """Create (or rewrite the config of) `dest/name` from `source/spec.source`; the version
+    folder links to `code` (a model's `1/` folder) when given, else to the source model's."""
     origin = source / spec.source
     text = (origin / "config.pbtxt").read_text()
     text = set_parameters(rename_model(text, name), spec.parameters)
@@ -61,7 +64,7 @@ def write_model(dest: Path, name: str, spec: ModelSpec, source: Path = DEFAULT_R
     (model_dir / "config.pbtxt").write_text(text)
     version = model_dir / "1"
     if not version.exists():
-        version.symlink_to((origin / "1").resolve(), target_is_directory=True)
+        version.symlink_to((code or origin / "1").resolve(), target_is_directory=True)
     return model_dir
 
 
