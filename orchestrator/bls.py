@@ -55,7 +55,13 @@ class BlsEngineClient:
         if response.has_error():
             err = response.error()
             code = triton_error_code(self.pb, err)
-            message = err.message().removeprefix(f"{code.value}: ")  # our engines prefix it
+            message = err.message()
+            word, sep, rest = message.partition(": ")
+            if sep and word in ErrorCode.__members__:
+                # Our engines prefix the code, and through BLS that prefix is what survives:
+                # Triton 2.51 hands a BLS caller a generic code (found by the soak: a lost
+                # lease's NOT_FOUND arrived as INTERNAL, so the context phase never re-ran).
+                code, message = ErrorCode[word], rest
             return EngineReply(error=RequestError(message, code))
         outputs = response.output_tensors()
         if not outputs:

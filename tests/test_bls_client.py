@@ -210,3 +210,18 @@ def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
 
     joined, pending = asyncio.run(body())
     assert joined.tensors is not None and joined.tensors["output_ids"].tolist() == [[[1]]] and pending == [failure]
+
+
+def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
+    """Through BLS, Triton 2.51 gives the caller a generic code; the engine's prefix is the truth."""
+    lost = _Response(error=_Error("NOT_FOUND: context engine 'context_1' refused the KV pull", FakePb.TritonError.INTERNAL))
+    iterator = _BlockingIterator([lost])
+    iterator.release.set()
+    client, _ = _client(iterator)
+
+    async def body() -> Any:
+        return [reply async for reply in client.stream("generation_0", {}, {}, "r:gen")]
+
+    (reply,) = asyncio.run(body())
+    assert reply.error.code is ErrorCode.NOT_FOUND
+    assert reply.error.message == "context engine 'context_1' refused the KV pull"
