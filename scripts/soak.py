@@ -62,7 +62,7 @@ from orchestrator.tokenizer import WORDS  # noqa: E402
 from scripts.client import ensemble_inputs  # noqa: E402
 from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
 from scripts.metrics import gauges as metric_gauges  # noqa: E402
-from scripts.repository import ModelSpec, derive  # noqa: E402
+from scripts.repository import ModelSpec, derive, set_parameters  # noqa: E402
 
 MODEL = "ensemble"
 FRONTEND_MODELS = ("ensemble", "preprocessing", "orchestrator", "postprocessing")
@@ -743,6 +743,16 @@ def log_tracebacks(log: str) -> list[str]:
     return [c[:400] for c in chunks if not any(b in c[:2000] for b in BENIGN_LOG_TRACEBACKS)]
 
 
+def _pools_over_grpc(repository: Path, grpc_port: int) -> None:
+    """Point the orchestrator at its own server's engines through loopback gRPC."""
+    config = repository / "orchestrator" / "config.pbtxt"
+    pools = {
+        "context_engines": ",".join(f"grpc://127.0.0.1:{grpc_port}/{e}" for e in CONTEXT_ENGINES if (repository / e).is_dir()),
+        "generation_engines": ",".join(f"grpc://127.0.0.1:{grpc_port}/{e}" for e in GENERATION_ENGINES if (repository / e).is_dir()),
+    }
+    config.write_text(set_parameters(config.read_text(), pools))
+
+
 def check_loopback(address: str) -> None:
     """The soak talks to loopback only: it is a load generator, not a probe of other hosts."""
     host = re.sub(r"^\w+://", "", address).rsplit(":", 1)[0].strip("[]").split("/")[0]
@@ -770,12 +780,17 @@ def run_soak(
     request_timeout_s: float = 30.0,
     leak_deadline_s: float = 30.0,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    engines_over: str = "bls",
 ) -> SoakReport:
     """Start a server (unless `url`), run the warm-up, check it drained, measure memory, run
     the rest, check everything again; never raises for a failed check (see `failures`).
 
     `metrics` (HOST:PORT) and `server_pid` only matter with `url`: the checks that need
-    them are skipped when they are not given."""
+    them are skipped when they are not given. `engines_over="grpc"` has the orchestrator
+    reach the engines of its own server as `grpc://127.0.0.1:<port>/...` instead of by BLS
+    (the path on which Triton 2.51's python backend stub crashes under this load)."""
+    if engines_over not in ("bls", "grpc"):
+        raise ValueError(f"engines_over must be 'bls' or 'grpc', got {engines_over!r}")
     with contextlib.ExitStack() as stack:
         server: TritonServer | None = None
         engines: Sequence[str] = ()
@@ -787,7 +802,10 @@ def run_soak(
                     Fault(f.engine, f.kind, fault_rate if f.rate < 0 else f.rate, f.phase) for f in chosen
                 ])  # fmt: skip
             log(f"starting tritonserver on {repository}")
-            server = stack.enter_context(TritonServer(model_repository=repository))
+            server = TritonServer(model_repository=repository)  # its ports are chosen now
+            if engines_over == "grpc":
+                _pools_over_grpc(repository, server.grpc_port)
+            server = stack.enter_context(server)
             assert server.process is not None
             url, server_pid, metrics = server.grpc_url, server.process.pid, f"127.0.0.1:{server.metrics_port}"
             engines = [e for e in CONTEXT_ENGINES + GENERATION_ENGINES if (repository / e).is_dir()]
@@ -912,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="with --url: HOST:PORT of its metrics endpoint, for the leak check")
     parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for the memory check")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--engines-over", choices=("bls", "grpc"), default="bls",
+                        help="how the orchestrator reaches the engines (grpc: loopback, avoids the BLS stub crash)")
     args = parser.parse_args(argv)
     # SIGTERM (a CI timeout, `timeout`) must unwind like Ctrl-C so the server we started stops.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
@@ -922,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_rss_growth_mib=args.max_rss_growth_mib,
             repository=args.repository.resolve() if args.repository else None, faults=args.fault,
             url=args.url, metrics=args.metrics, server_pid=args.server_pid,
-            warmup=args.warmup, request_timeout_s=args.request_timeout,
+            warmup=args.warmup, request_timeout_s=args.request_timeout, engines_over=args.engines_over,
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))
