@@ -21,7 +21,8 @@ from orchestrator.bench_stats import (
     write_json,
 )
 from orchestrator.tokenizer import BuiltinTokenizer
-from scripts.loadgen import LengthDist, Workload, check_loopback, format_table, words_prompt
+from orchestrator.workload import LengthDist, Workload, words_prompt
+from scripts.loadgen import check_loopback, format_table
 
 TOK = BuiltinTokenizer()
 
