@@ -45,6 +45,7 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeVa
 
 import numpy as np
 
+from orchestrator.child_stops import ChildStops
 from orchestrator.config import OrchestratorConfig
 from orchestrator.contract import (
     FORWARDED_INPUTS,
@@ -52,7 +53,6 @@ from orchestrator.contract import (
     EngineRequest,
     PerfMetrics,
     RequestType,
-    stop_tensors,
     with_batch_dim,
 )
 from orchestrator.deadline import StallTimer
@@ -179,10 +179,9 @@ class Orchestrator:
         )
         self.membership = Membership(self.router, client, config, log)
         self.in_flight: dict[str, _InFlight] = {}
-        self._stopping: set[asyncio.Task[None]] = set()  # stop requests on their way to engines
+        self.child_stops = ChildStops(client, config.stop_timeout_s, log)
         self._watcher: asyncio.Task[None] | None = None  # polls clients' cancellation
         self._loop: asyncio.AbstractEventLoop | None = None  # where requests run (set by start)
-        self.stops_sent = 0
         self.cancelled_by_client = 0
 
     def state(self) -> dict[str, int]:
@@ -190,13 +189,12 @@ class Orchestrator:
         return {
             "in_flight_requests": len(self.in_flight),
             "child_requests": sum(len(e.progress.children) + len(e.progress.leases) for e in self.in_flight.values()),
-            "stops_pending": len(self._stopping),
+            "stops_pending": len(self.child_stops.pending),
         }
 
     async def stops_answered(self) -> None:
         """Wait until every stop request sent so far has been answered (or timed out)."""
-        while self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
+        await self.child_stops.answered()
 
     async def close(self) -> None:
         """Cancel what is in flight (each request ends CANCELLED, its children are stopped), stop
@@ -366,27 +364,9 @@ class Orchestrator:
     def _release(self, p: _Progress) -> None:
         """Stop whatever the request still holds on engines: open children, unpulled leases."""
         for child_id, engine in (*p.children.items(), *p.leases.items()):
-            self._send_stop(engine, child_id)
+            self.child_stops.send(engine, child_id)
         p.children.clear()
         p.leases.clear()
-
-    def _send_stop(self, engine: str, child_id: str) -> None:
-        """A `stop=true` request for one child, in the background (bounded by stop_timeout_s)."""
-        self.stops_sent += 1
-        task = asyncio.get_running_loop().create_task(self._stop_child(engine, child_id))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
-
-    async def _stop_child(self, engine: str, child_id: str) -> None:
-        async def drain() -> None:
-            async for reply in self.client.stream(engine, stop_tensors(), {}, child_id):
-                if reply.error is not None:
-                    self.log(f"stop of {child_id} on engine {engine} failed ({reply.error.code.value}): {reply.error.message}")
-
-        try:
-            await asyncio.wait_for(drain(), self.config.stop_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - the engine's lease timeout is the backstop
-            self.log(f"stop of {child_id} on engine {engine} got no answer: {exc!r}")
 
     async def _run(self, p: _Progress, tensors: Tensors, key: str) -> None:
         req = p.request
@@ -612,7 +592,7 @@ class Orchestrator:
         finally:
             p.children.pop(child_id, None)
             if not ended:
-                self._send_stop(engine, child_id)
+                self.child_stops.send(engine, child_id)
             await stream.aclose()
 
     # -- responses ------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_stop_in_the_generation_phase_ends_with_an_empty_final_response_and_free
         ack.succeeded()
         assert ack.responses[0].ids == ()
         await released(c)
-        assert c.orch.stops_sent >= 1
+        assert c.orch.child_stops.sent >= 1
 
     run(body, configs=long_lease())
 
