@@ -3,7 +3,9 @@
 Pools (each entry is an engine model in this Triton server, `context_0`, or one on another
 server, `grpc://host:port/context_0`):
 - `context_engines`, `generation_engines`: comma-separated (required unless `pool_file`
-  supplies them).
+  supplies them). An empty `context_engines` means aggregated serving: every request runs
+  both phases on a generation-pool engine (no `request_type`), as an in-flight batching
+  baseline behind the same ensemble.
 - `pool_file` (""): a JSON file `{"context_engines": [...], "generation_engines": [...]}`,
   relative to the orchestrator's model directory or absolute. When set it is the
   membership: read at load (must exist and be valid), re-read when it changes
@@ -62,12 +64,16 @@ from orchestrator.routing import POLICIES, PolicyOptions
 
 
 def _engine_list(raw: Any, key: str) -> tuple[str, ...]:
-    """A pool from a comma-separated string or a JSON list; every entry must parse."""
+    """A pool from a comma-separated string or a JSON list; every entry must parse.
+
+    Only the context pool may be empty: then every request runs whole (both phases) on a
+    generation-pool engine, which is aggregated serving behind the same orchestrator.
+    """
     items = raw.split(",") if isinstance(raw, str) else raw
     if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) for n in items):
         raise ValueError(f"'{key}' must be a list of engine names, got {raw!r}")
     names = tuple(n.strip() for n in items if n.strip())
-    if not names:
+    if not names and key != "context_engines":
         raise ValueError(f"'{key}' must list at least one engine model, e.g. 'context_0,context_1'")
     if len(set(names)) != len(names):
         raise ValueError(f"'{key}' lists an engine twice: {raw!r}")
@@ -89,6 +95,8 @@ class Pools:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> "Pools":
         try:
+            if "context_engines" not in data:  # empty is aggregated serving; absent is an oversight
+                raise ValueError("'context_engines' is missing: list the context engines, or set it to '' for aggregated serving")
             return cls(
                 context_engines=_engine_list(data.get("context_engines", ""), "context_engines"),
                 generation_engines=_engine_list(data.get("generation_engines", ""), "generation_engines"),

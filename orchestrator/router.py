@@ -115,6 +115,8 @@ class Router:
     def local_reason(self, generation: RouteDecision, request: RouteRequest) -> str | None:
         """Why this request should run both phases on its generation engine, or None to disaggregate."""
         cfg = self.config
+        if not self.pools[Phase.CONTEXT].names:
+            return "aggregated"  # no context pool: aggregated serving
         if cfg.local_prefill_max_tokens:
             uncached = request.prompt_tokens - generation.matched_blocks * self.tokens_per_block
             if uncached <= cfg.local_prefill_max_tokens:

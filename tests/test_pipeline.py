@@ -167,6 +167,25 @@ def test_round_robin_alternates_both_pools() -> None:
     run(body)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_empty_context_pool_serves_aggregated(streaming: bool) -> None:
+    """No context engines: every request runs whole (no request_type) on a generation-pool
+    engine, with the same tokens as the oracle; the aggregated baseline of a deployment."""
+
+    async def body(c: Cluster) -> None:
+        for i in range(4):
+            tensors = client_tensors(PROMPTS["ascii"], 6, streaming=streaming, exclude=True)
+            generated = await oracle(tensors)
+            sink = await c.serve(tensors, f"a{i}")
+            sink.succeeded()
+            assert sink.ids == generated
+        assert c.client.engines("context_only") == [] and c.client.engines("generation_only") == []
+        assert c.client.engines("None") == list(GENERATION) * 2  # no request_type parameter
+        assert c.orch.router.local == {"aggregated": 4}
+
+    run(body, context=())
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

@@ -241,7 +241,8 @@ def test_endpoints_parse_local_and_remote() -> None:
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"context_engines": "", "generation_engines": "g"}, "context_engines"),
+        ({"context_engines": "c", "generation_engines": ""}, "generation_engines"),
+        ({"generation_engines": "g"}, "'context_engines' is missing"),
         ({"context_engines": "c,c", "generation_engines": "g"}, "lists an engine twice"),
         ({"context_engines": "c", "generation_engines": "grpc://x/g"}, "generation_engines.*grpc://HOST:PORT/MODEL"),
         ({"context_engines": "c", "generation_engines": "g", "context_policy": "best"}, "context_policy"),
