@@ -95,6 +95,7 @@ class _Rotating:
 
 class RoundRobin(_Rotating):
     name = "round_robin"
+    knobs: tuple[str, ...] = ()  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
         super().__init__()
@@ -108,6 +109,7 @@ class RoundRobin(_Rotating):
 
 class LeastLoaded(_Rotating):
     name = "least_loaded"
+    knobs: tuple[str, ...] = ("load_metric",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
         super().__init__()
@@ -122,6 +124,7 @@ class LeastLoaded(_Rotating):
 
 class KvAware(_Rotating):
     name = "kv_aware"
+    knobs: tuple[str, ...] = ("kv_weight",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
         super().__init__()
@@ -138,6 +141,7 @@ class KvAware(_Rotating):
 
 class PowerOfTwo:
     name = "power_of_two"
+    knobs: tuple[str, ...] = ("seed", "load_metric")  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
         self.rng = random.Random(options.seed)
@@ -157,6 +161,7 @@ class PowerOfTwo:
 
 class RandomPick:
     name = "random"
+    knobs: tuple[str, ...] = ("seed",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
         self.rng = random.Random(options.seed)
@@ -170,9 +175,10 @@ class RandomPick:
         return None
 
 
-POLICIES: dict[str, Callable[[PolicyOptions], RoutingPolicy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, KvAware, PowerOfTwo, RandomPick)
-}
+_CLASSES = (RoundRobin, LeastLoaded, KvAware, PowerOfTwo, RandomPick)
+POLICIES: dict[str, Callable[[PolicyOptions], RoutingPolicy]] = {cls.name: cls for cls in _CLASSES}
+# Which PolicyOptions knobs each policy reads: a deployment file may set only those.
+POLICY_KNOBS: dict[str, tuple[str, ...]] = {cls.name: cls.knobs for cls in _CLASSES}
 
 
 def make_policy(name: str, options: PolicyOptions = PolicyOptions(), key: str = "policy") -> RoutingPolicy:

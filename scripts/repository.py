@@ -1,24 +1,16 @@
-"""Derive model repositories from the committed one: parameter overrides, renamed copies,
-and the three-server split (context engines, generation engines, frontend).
+"""Derive model repositories from the committed one: parameter overrides, renamed copies.
 
 A derived model gets its own `config.pbtxt` and a symlink to the source model's version
 folder, so the code stays in one place (each `model.py` resolves the symlink to find the
-`orchestrator` package).
-
-    # one repository per server, the frontend reaching the engines over gRPC
-    python scripts/repository.py split --out /srv/disagg \\
-        --context-server 10.0.0.5:8001 --generation-server 10.0.0.6:8001
-    # -> /srv/disagg/{context,generation,frontend}; start one tritonserver on each
+`orchestrator` package). `scripts/deploy.py` builds whole deployments on these helpers.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -39,8 +31,23 @@ def set_parameters(pbtxt: str, overrides: Mapping[str, str]) -> str:
     return pbtxt
 
 
+def set_max_batch_size(pbtxt: str, size: int) -> str:
+    return re.sub(r"^max_batch_size:\s*\d+", f"max_batch_size: {size}", pbtxt, count=1, flags=re.MULTILINE)
+
+
+def set_instance_count(pbtxt: str, count: int) -> str:
+    """The first instance group's count (our configs have one group)."""
+    return re.sub(r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", lambda m: f"{m.group(1)}{count}", pbtxt, count=1)
+
+
 def rename_model(pbtxt: str, name: str) -> str:
-    return re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', pbtxt, count=1, flags=re.MULTILINE)
+    """Set the model's name, and where a comment line quotes the old name, that too."""
+    match = re.search(r'^name:\s*"([^"]*)"', pbtxt, flags=re.MULTILINE)
+    if match is None:
+        return f'name: "{name}"\n' + pbtxt
+    old = f'"{match.group(1)}"'
+    lines = [line.replace(old, f'"{name}"') if line.startswith("#") else line for line in pbtxt.splitlines(keepends=True)]
+    return re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', "".join(lines), count=1, flags=re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -73,44 +80,3 @@ def derive(dest: Path, models: Mapping[str, ModelSpec], source: Path = DEFAULT_R
     for name, spec in models.items():
         write_model(dest, name, spec, source)
     return dest
-
-
-def split(
-    out: Path,
-    context_server: str,
-    generation_server: str,
-    context: Sequence[str] = ("context_0", "context_1"),
-    generation: Sequence[str] = ("generation_0", "generation_1"),
-    orchestrator: Mapping[str, str] | None = None,
-    source: Path = DEFAULT_REPOSITORY,
-) -> dict[str, Path]:
-    """Three repositories: engines of each phase on their own server, the rest on the frontend."""
-    pools = {
-        "context_engines": ",".join(f"grpc://{context_server}/{m}" for m in context),
-        "generation_engines": ",".join(f"grpc://{generation_server}/{m}" for m in generation),
-        **(orchestrator or {}),
-    }
-    frontend = {m: ModelSpec(m) for m in FRONTEND_MODELS}
-    frontend["orchestrator"] = ModelSpec("orchestrator", pools)
-    return {
-        "context": derive(out / "context", {m: ModelSpec(m) for m in context}, source),
-        "generation": derive(out / "generation", {m: ModelSpec(m) for m in generation}, source),
-        "frontend": derive(out / "frontend", frontend, source),
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("split", help="three repositories for a three-server deployment")
-    cmd.add_argument("--out", type=Path, required=True)
-    cmd.add_argument("--context-server", required=True, help="HOST:PORT of the context engines' gRPC endpoint")
-    cmd.add_argument("--generation-server", required=True, help="HOST:PORT of the generation engines' gRPC endpoint")
-    args = parser.parse_args(argv)
-    for role, path in split(args.out, args.context_server, args.generation_server).items():
-        print(f"{role}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The three-server deployment on loopback: context engines, generation engines and the
 frontend (ensemble + orchestrator) on separate tritonserver processes, talking gRPC; the KV
-cache moves between the engine servers' processes. Built with `scripts/repository.py split`,
-as the README tells users to."""
+cache moves between the engine servers' processes. Built from `deployments/three-server.yaml`
+by `scripts/deploy.py`, as the README tells users to (only the ports are made free ones)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from scripts.client import generate
+import yaml
+
+from orchestrator.deployment import parse
+from scripts.deploy import build
 from scripts.launch import TritonServer, free_port
-from scripts.repository import split
+
+THREE_SERVER_FILE = Path(__file__).resolve().parent.parent / "deployments" / "three-server.yaml"
 
 PROMPTS = [f"request {i}: the cat sat on the mat and then the dog came by " * (1 + i % 3) for i in range(8)]
 
@@ -41,12 +46,17 @@ class ThreeServers:
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeServers]:
     out: Path = tmp_path_factory.mktemp("three_servers")
-    ctx_port, gen_port = free_port(), free_port()
-    repos = split(out, f"127.0.0.1:{ctx_port}", f"127.0.0.1:{gen_port}", orchestrator={"log_routing": "true"})
+    data = yaml.safe_load(THREE_SERVER_FILE.read_text())
+    for server in data["servers"].values():
+        server.update(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    data["orchestrator"]["settings"] = {"log_routing": True}
+    deployment = parse(data)
+    repos = build(deployment, out)
+    ports = {s.name: dict(http_port=s.http_port, grpc_port=s.grpc_port, metrics_port=s.metrics_port) for s in deployment.servers}
     with ExitStack() as stack:
-        context = stack.enter_context(TritonServer(model_repository=repos["context"], grpc_port=ctx_port))
-        generation = stack.enter_context(TritonServer(model_repository=repos["generation"], grpc_port=gen_port))
-        frontend = stack.enter_context(TritonServer(model_repository=repos["frontend"]))
+        context = stack.enter_context(TritonServer(model_repository=repos["context"], **ports["context"]))
+        generation = stack.enter_context(TritonServer(model_repository=repos["generation"], **ports["generation"]))
+        frontend = stack.enter_context(TritonServer(model_repository=repos["frontend"], **ports["frontend"]))
         yield ThreeServers(context, generation, frontend)
 
 

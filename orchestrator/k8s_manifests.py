@@ -1,0 +1,102 @@
+"""Kubernetes manifests for a deployment: one Deployment + Service per server, one ConfigMap.
+
+The ConfigMap carries the deployment file itself, with each server's host replaced by its
+Service name, so every pod builds its own model repository at start-up
+(`scripts/deploy.py build --server NAME`) from the same file the user wrote; nothing is
+generated twice or copied by hand. Pods are ready when Triton's `/v2/health/ready` says
+so (every model loaded) and alive while `/v2/health/live` answers. A pod with real engines
+requests one GPU per distinct `gpu_device_ids` entry of its server.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from orchestrator.deployment import Deployment
+
+CONFIG_PATH = "/etc/disagg"
+
+
+def service_name(d: Deployment, server: str) -> str:
+    return f"{d.name}-{server}"
+
+
+def in_cluster_file(d: Deployment, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's file with every server's host set to its Service's DNS name."""
+    data = copy.deepcopy(dict(raw))
+    servers = data.get("servers")
+    if servers:
+        for name in servers:
+            servers[name] = {**(servers[name] or {}), "host": service_name(d, name)}
+    return data
+
+
+def _gpus(d: Deployment, server: str) -> int:
+    return len({gpu for p in d.pools if p.server == server for e in p.real for gpu in e.gpu_device_ids})
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+
+def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
+    """ConfigMap, then a Deployment and a Service for each server."""
+    k = d.kubernetes
+    labels = {"app.kubernetes.io/part-of": d.name}
+    out: list[dict[str, Any]] = [{
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{d.name}-deployment", "namespace": k.namespace, "labels": labels},
+        "data": {"deployment.yaml": file_text},
+    }]  # fmt: skip
+    for server in d.servers:
+        name = service_name(d, server.name)
+        selector = {**labels, "app.kubernetes.io/name": name}
+        build = (
+            f"python3 {k.project_dir}/scripts/deploy.py build {CONFIG_PATH}/deployment.yaml "
+            f"--server {server.name} --out /models && exec bash /models/launch-{server.name}.sh"
+        )
+        container: dict[str, Any] = {
+            "name": "tritonserver",
+            "image": k.image,
+            "command": ["bash", "-c", build],
+            "ports": [
+                {"name": "http", "containerPort": server.http_port},
+                {"name": "grpc", "containerPort": server.grpc_port},
+                {"name": "metrics", "containerPort": server.metrics_port},
+            ],
+            "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
+            "livenessProbe": _probe("/v2/health/live", "http", 10, 3),
+            "startupProbe": _probe("/v2/health/live", "http", 10, 60),  # engines may take minutes to load
+            "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
+                             {"name": "shm", "mountPath": "/dev/shm"}],  # fmt: skip
+        }
+        gpus = _gpus(d, server.name)
+        if gpus:
+            container["resources"] = {"limits": {k.gpu_resource: gpus}}
+        out.append({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": k.namespace, "labels": selector},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": selector},
+                    "spec": {
+                        "containers": [container],
+                        "volumes": [
+                            {"name": "deployment", "configMap": {"name": f"{d.name}-deployment"}},
+                            {"name": "shm", "emptyDir": {"medium": "Memory"}},  # python backend + KV shm
+                        ],
+                    },
+                },
+            },
+        })  # fmt: skip
+        out.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": k.namespace, "labels": selector},
+            "spec": {"selector": selector, "ports": [
+                {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in container["ports"]
+            ]},
+        })  # fmt: skip
+    return out

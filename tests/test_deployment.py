@@ -1,0 +1,245 @@
+"""Deployment files: every validation error names its key; the examples parse; the default
+file generates the committed repository; real-engine configs parse as Triton model configs
+with the tensorrt_llm contract; launch scripts and Kubernetes manifests are well formed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
+from orchestrator.k8s_manifests import manifests
+from orchestrator.launch_plan import launch_script
+from scripts.deploy import build, check_manifests, write_manifests
+from scripts.repository import DEFAULT_REPOSITORY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "deployments").glob("*.yaml"))
+
+REAL: dict[str, Any] = {
+    "tokenizer_dir": "/tok",
+    "pools": {
+        "context": {"engines": 2, "kind": "tensorrtllm", "tensor_parallel": 2, "engine_dir": "/e/ctx",
+                    "gpu_device_ids": [[0, 1], [2, 3]], "participant_ids": [[1, 2], [3, 4]]},
+        "generation": {"engines": 1, "kind": "tensorrtllm", "engine_dir": "/e/gen",
+                       "gpu_device_ids": [[4]], "participant_ids": [[5]]},
+    },
+}  # fmt: skip
+STUBS: dict[str, Any] = {"pools": {"context": {"engines": 1}, "generation": {"engines": 1}}}
+THREE: dict[str, Any] = {
+    "servers": {"front": {"grpc_port": 9001, "http_port": 9000, "metrics_port": 9002},
+                "gpu": {"grpc_port": 9101, "http_port": 9100, "metrics_port": 9102}},
+    "orchestrator": {"server": "front"},
+    "pools": {"context": {"server": "gpu"}, "generation": {"server": "gpu"}},
+}  # fmt: skip
+
+
+def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """`base` with the dotted key set to `value` (`None` deletes it)."""
+    data = copy.deepcopy(base)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "base, key, value, message",
+    [
+        # real engines: one MPI world per server
+        (REAL, "pools.generation.participant_ids", [[4]], r"pools.generation.participant_ids\[0\]: rank 4 is also used by pools.context engine 1"),
+        (REAL, "pools.generation.gpu_device_ids", [[1]], r"pools.generation.gpu_device_ids\[0\]: GPU 1 is also used by pools.context engine 0"),
+        (REAL, "pools.generation.participant_ids", [[7]], r"participant_ids: .*ranks \[1, 2, 3, 4, 7\] but their MPI world has 6 ranks.*exactly 1..5"),
+        (REAL, "pools.context.gpu_device_ids", [[0], [2]], r"gpu_device_ids\[0\]: engine 0 lists 1 GPU device ids but its world size .* is 2"),
+        (REAL, "pools.context.participant_ids", [[1, 2]], r"participant_ids: lists 1 engine\(s\) but the pool has engines: 2"),
+        (REAL, "pools.context.participant_ids", "1,2", r"participant_ids: must list .* one list per engine"),
+        (REAL, "pools.context.engine_dir", None, r"pools.context.engine_dir: a tensorrtllm pool needs"),
+        (REAL, "tokenizer_dir", None, r"tokenizer_dir: tensorrtllm engines need"),
+        (REAL, "pools.context.stub", {"prefill_us_per_token": 10}, r"pools.context.stub: stub-only options on a tensorrtllm pool"),
+        (REAL, "pools.context.kv_cache_free_gpu_mem_fraction", 1.5, r"kv_cache_free_gpu_mem_fraction: must be between"),
+        (STUBS, "pools.context.engine_dir", "/e", r"pools.context.engine_dir: is an option of tensorrtllm engines"),
+        (STUBS, "pools.generation.gpu_device_ids", [[0]], r"pools.generation.gpu_device_ids: is an option of tensorrtllm"),
+        # streaming needs decoupled engines
+        (STUBS, "pools.generation.decoupled", False, r"pools.generation.decoupled: is false, but streaming is on"),
+        (REAL, "pools.context.decoupled", False, r"pools.context.decoupled: is false"),
+        # routing
+        (STUBS, "routing.context", {"policy": "round_robin", "kv_weight": 2}, r"routing.context.kv_weight: policy 'round_robin' has no knob 'kv_weight'; its knobs: none"),
+        (STUBS, "routing.generation", {"policy": "least_loaded", "seed": 3}, r"routing.generation.seed: .*its knobs: load_metric"),
+        (STUBS, "routing.context", {"policy": "fastest"}, r"routing.context.policy: must be one of"),
+        (STUBS, "routing.generation", {"policy": "least_loaded", "load_metric": "gpu"}, r"routing.generation: .*load_metric must be one of"),
+        (edited(STUBS, "routing.context", {"policy": "kv_aware", "kv_weight": 1}), "routing.generation", {"policy": "kv_aware", "kv_weight": 2}, r"routing.generation.kv_weight: is 2 but routing.context.kv_weight is 1"),
+        (edited(STUBS, "pools.context", None), "routing.local_prefill_max_tokens", 64, r"routing: local_prefill_max_tokens .* need a context pool"),
+        # pools and stub knobs
+        (STUBS, "pools.generation.engines", 0, r"pools.generation.engines: must be >= 1, got 0"),
+        (STUBS, "pools.generation", None, r"pools.generation: is required"),
+        (STUBS, "pools.context.tensor_parallel", 3, r"pools.context: engine parameter .*tensor_parallel_size"),
+        (STUBS, "pools.context.tokens_per_block", 16, r"pools.context.tokens_per_block: is 16 but the generation pool's is 32"),
+        (STUBS, "pools.context.stub", {"fault": "boom"}, r"pools.context: engine parameter 'fault' must be one of"),
+        (STUBS, "pools.context.stub", {"prefil_us_per_token": 3}, r"pools.context.stub.prefil_us_per_token: unknown stub engine knob"),
+        (STUBS, "pools.context.stub", {"tensor_parallel_size": 2}, r"pools.context.stub.tensor_parallel_size: is set on the pool itself"),
+        (STUBS, "pools.context.stub", {"step_overhead_ms": [1]}, r"pools.context.stub.step_overhead_ms: must be a single value"),
+        (STUBS, "pools.context.enginez", 2, r"pools.context.enginez: unknown key; this section takes: .*engines"),
+        (STUBS, "pools.prefill", {"engines": 1}, r"pools.prefill: unknown key; this section takes: context, generation"),
+        (STUBS, "pool", {}, r"pool: unknown key"),
+        (STUBS, "pools.context.engines", "two", r"pools.context.engines: must be a whole number, got 'two'"),
+        # orchestrator
+        (STUBS, "orchestrator.settings", {"max_retrys": 1}, r"orchestrator.settings.max_retrys: unknown orchestrator setting"),
+        (STUBS, "orchestrator.settings", {"context_policy": "random"}, r"orchestrator.settings.context_policy: is set by the deployment's pools and routing"),
+        (STUBS, "orchestrator.settings", {"engine_timeout_s": 0}, r"orchestrator.settings: .*'engine_timeout_s' must be > 0"),
+        (STUBS, "orchestrator.instances", 0, r"orchestrator.instances: must be >= 1"),
+        # servers
+        (THREE, "pools.context.server", None, r"pools.context.server: several servers are defined"),
+        (THREE, "pools.context.server", "cpu", r"pools.context.server: unknown server 'cpu'; defined: \['front', 'gpu'\]"),
+        (THREE, "servers.gpu.grpc_port", 9000, r"servers.gpu: 127.0.0.1:9000 is also used by server 'front'"),
+        (THREE, "servers.spare", {"http_port": 9200, "grpc_port": 9201, "metrics_port": 9202}, r"servers.spare: hosts nothing"),
+        (THREE, "servers.gpu.http_port", 9101, r"servers.gpu: http_port, grpc_port and metrics_port must differ"),
+        (THREE, "servers.Front", {}, r"servers.Front: server names must be lower-case DNS labels"),
+        (STUBS, "name", "My Deployment", r"name: must be a lower-case DNS label"),
+        (STUBS, "kubernetes.namespace", "Prod", r"kubernetes.namespace: must be a lower-case DNS label"),
+    ],
+)
+def test_validation_errors_name_the_key(base: dict[str, Any], key: str, value: Any, message: str) -> None:
+    parse(base)  # the base itself is valid: the edit is what fails
+    with pytest.raises(DeploymentError, match=message):
+        parse(edited(base, key, value))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_files_are_valid(path: Path) -> None:
+    deployment = load(path)
+    assert deployment.pool("generation") is not None
+
+
+def test_load_reports_the_file_and_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools: [unclosed\n")
+    with pytest.raises(DeploymentError, match=r"bad.yaml: not valid YAML"):
+        load(bad)
+    bad.write_text("pools:\n  generation:\n    engines: -1\n")
+    with pytest.raises(DeploymentError, match=r"bad.yaml: pools.generation.engines: must be >= 1, got -1"):
+        load(bad)
+
+
+def test_check_command_exits_2_with_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing:\n  context: {policy: random, kv_weight: 3}\n")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy.py"), "check", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "routing.context.kv_weight: policy 'random' has no knob 'kv_weight'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _code(version: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in version.iterdir() if p.is_file()}
+
+
+def test_default_file_generates_the_committed_repository(tmp_path: Path) -> None:
+    """The committed model_repository is what deployments/default.yaml describes, byte for byte."""
+    repos = build(load(ROOT / "deployments" / "default.yaml"), tmp_path)
+    generated = sorted(p.name for p in repos["main"].iterdir())
+    assert generated == ["context_0", "context_1", "ensemble", "generation_0", "generation_1", "orchestrator", "postprocessing", "preprocessing"]
+    for name in generated:
+        assert (repos["main"] / name / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / name / "config.pbtxt").read_text(), name
+        assert _code(repos["main"] / name / "1") == _code(DEFAULT_REPOSITORY / name / "1"), name
+
+
+def test_aggregated_file_has_no_context_engines(tmp_path: Path) -> None:
+    deployment = load(ROOT / "deployments" / "aggregated.yaml")
+    params = deployment.orchestrator_parameters()
+    assert params["context_engines"] == "" and params["generation_engines"] == "generation_0,generation_1,generation_2,generation_3"
+    assert params["generation_policy"] == "least_loaded" and params["load_metric"] == "tokens"
+
+
+def _model_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_tensorrtllm_configs_parse_and_keep_the_contract(tmp_path: Path) -> None:
+    deployment = parse(REAL)
+    repo = build(deployment, tmp_path)["main"]
+    stub = _model_config(DEFAULT_REPOSITORY / "context_0" / "config.pbtxt")
+    for name, ranks, gpus in (("context_0", "1,2", "0,1"), ("context_1", "3,4", "2,3"), ("generation_0", "5", "4")):
+        text = (repo / name / "config.pbtxt").read_text()
+        assert "${" not in text
+        config = _model_config(repo / name / "config.pbtxt")
+        assert (config.name, config.backend, config.max_batch_size) == (name, "tensorrtllm", 64)
+        assert config.model_transaction_policy.decoupled
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert params["participant_ids"] == ranks and params["gpu_device_ids"] == gpus
+        assert params["gpt_model_type"] == "inflight_fused_batching"
+        assert params["gpt_model_path"] == ("/e/ctx" if name.startswith("context") else "/e/gen")
+        for required in ("tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend", "executor_worker_path"):
+            assert required in params
+        inputs = {t.name: (t.data_type, list(t.dims), t.optional) for t in config.input}
+        assert inputs == {t.name: (t.data_type, list(t.dims), t.optional) for t in stub.input}
+        assert inputs["context_phase_params"] == (model_config_pb2.TYPE_UINT8, [-1], True)
+        assert not inputs["input_lengths"][2] and not inputs["request_output_len"][2]
+        outputs = {t.name: t.data_type for t in config.output}
+        assert outputs["context_phase_params"] == model_config_pb2.TYPE_UINT8
+        assert outputs["output_ids"] == outputs["sequence_length"] == model_config_pb2.TYPE_INT32
+        assert outputs["context_logits"] == outputs["generation_logits"] == model_config_pb2.TYPE_FP32
+        assert (repo / name / "1").is_dir() and not any((repo / name / "1").iterdir())
+    assert mpi_world_size(deployment, "main") == 6
+
+
+def test_launch_script_starts_one_rank_per_gpu_plus_tritonserver() -> None:
+    script = launch_script(parse(REAL), "main")
+    assert "TRTLLM_ORCHESTRATOR=1" in script
+    assert script.count("-n 1 tritonserver") == 6
+    assert "--load-model=context_0 --load-model=context_1 --load-model=generation_0" in script
+    assert script.count("--http-port=8000") == 1  # only rank 0 serves
+    stub = launch_script(parse(STUBS), "main")
+    assert "mpirun" not in stub and "--grpc-port=8001" in stub
+
+
+def test_three_server_file_points_the_frontend_at_the_engine_servers(tmp_path: Path) -> None:
+    deployment = load(ROOT / "deployments" / "three-server.yaml")
+    params = deployment.orchestrator_parameters()
+    assert params["context_engines"] == "grpc://127.0.0.1:8101/context_0,grpc://127.0.0.1:8101/context_1"
+    assert params["generation_engines"] == "grpc://127.0.0.1:8201/generation_0,grpc://127.0.0.1:8201/generation_1"
+    repos = build(deployment, tmp_path)
+    assert sorted(p.name for p in repos["context"].iterdir()) == ["context_0", "context_1"]
+    assert sorted(p.name for p in repos["frontend"].iterdir()) == ["ensemble", "orchestrator", "postprocessing", "preprocessing"]
+    assert (tmp_path / "launch-generation.sh").stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize("name", ["three-server", "trtllm-1ctx-1gen"])
+def test_kubernetes_manifests_validate_and_probe_health(name: str, tmp_path: Path) -> None:
+    path = ROOT / "deployments" / f"{name}.yaml"
+    docs = write_manifests(load(path), path, tmp_path / "k8s.yaml", validate=True)
+    assert list(yaml.safe_load_all((tmp_path / "k8s.yaml").read_text())) == docs
+    config_map, *rest = docs
+    in_cluster = parse(yaml.safe_load(config_map["data"]["deployment.yaml"]))
+    deployments = [d for d in rest if d["kind"] == "Deployment"]
+    assert len(deployments) == len(in_cluster.servers) == len([d for d in rest if d["kind"] == "Service"])
+    for server, manifest in zip(in_cluster.servers, deployments):
+        if len(in_cluster.servers) > 1:
+            assert server.host == manifest["metadata"]["name"]  # peers reach it by its Service name
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+        assert f"--server {server.name}" in container["command"][-1]
+    gpus = [d["spec"]["template"]["spec"]["containers"][0].get("resources", {}) for d in deployments]
+    assert gpus == ([{"limits": {"nvidia.com/gpu": 2}}] if name.startswith("trtllm") else [{}, {}, {}])
+
+
+def test_a_broken_manifest_fails_the_schema_check() -> None:
+    deployment = parse(STUBS)
+    docs = manifests(deployment, "name: x\n")
+    docs[1]["spec"]["replicas"] = "one"
+    with pytest.raises(DeploymentError, match=r"Deployment disagg-main: spec/replicas"):
+        check_manifests(docs)
+    assert kubernetes_validate.latest_version()

@@ -1,0 +1,55 @@
+"""A repository generated from a deployment file loads in a real tritonserver and serves:
+the aggregated baseline (`deployments/aggregated.yaml`, no context pool) answers through
+the same ensemble with the same text as the committed disaggregated repository, and every
+request ran whole on a generation-pool engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+
+from orchestrator.deployment import load
+from scripts.client import generate
+from scripts.deploy import build
+from scripts.launch import TritonServer
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [f"deployment {i}: a quick brown fox jumps over the lazy dog " * (1 + i % 2) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    repos = build(load(ROOT / "deployments" / "aggregated.yaml"), tmp_path_factory.mktemp("aggregated"))
+    with TritonServer(model_repository=repos["main"]) as srv:
+        yield srv
+
+
+def _successes(server: TritonServer, model: str) -> int:
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model_name=model, as_json=True)
+    return sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
+
+
+def test_generated_models_are_all_ready(aggregated: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(aggregated.grpc_url)
+    names = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert names == {"ensemble", "preprocessing", "orchestrator", "postprocessing", *(f"generation_{i}" for i in range(4))}
+    assert all(client.is_model_ready(n) for n in names)
+
+
+def test_aggregated_deployment_serves_the_same_text(aggregated: TritonServer, server: TritonServer) -> None:
+    for prompt in PROMPTS:
+        streamed = "".join(d.text for d in generate(aggregated.grpc_url, prompt, 10, stream=True))
+        expected = "".join(d.text for d in generate(server.grpc_url, prompt, 10, stream=True))
+        assert streamed == expected and streamed
+    body = {"text_input": PROMPTS[0], "max_tokens": 10, "exclude_input_in_output": True}
+    reply = requests.post(f"http://{aggregated.http_url}/v2/models/ensemble/generate", json=body, timeout=60)
+    assert reply.status_code == 200
+    assert reply.json()["text_output"] == "".join(d.text for d in generate(server.grpc_url, PROMPTS[0], 10, stream=True))
+    engine_requests = sum(_successes(aggregated, f"generation_{i}") for i in range(4))
+    assert engine_requests == len(PROMPTS) + 1  # one whole (aggregated) request per client request
+    used = [i for i in range(4) if _successes(aggregated, f"generation_{i}")]
+    assert len(used) > 1, "least_loaded spreads requests over the pool"
