@@ -61,6 +61,11 @@ class LengthDist:
             return rng.randint(self.low, self.high)
         return max(1, round(rng.gauss(self.mean, self.std)))
 
+    @property
+    def expected(self) -> float:
+        """The mean length this distribution draws (rate matching uses the mean OSL)."""
+        return {"fixed": float(self.value), "uniform": (self.low + self.high) / 2}.get(self.kind, self.mean)
+
     def describe(self) -> str:
         if self.kind == "fixed":
             return f"fixed:{self.value}"

@@ -628,10 +628,10 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_meta(argv: Sequence[str], **extra: Any) -> dict[str, Any]:
+def run_meta(argv: Sequence[str], script: str = "scripts/loadgen.py", **extra: Any) -> dict[str, Any]:
     """What a reader of the JSON needs to reproduce the run."""
     return {
-        "command": shlex.join(["scripts/loadgen.py", *argv]),
+        "command": shlex.join([script, *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "hostname": platform.node(),
