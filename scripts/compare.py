@@ -80,12 +80,15 @@ def serve(d: Deployment, out: Path, stack: ExitStack) -> TritonServer:
     return started[d.frontend]
 
 
-def end_to_end(d: Deployment, workload: Workload, loads: Sequence[int], count: int, time_limit_s: float) -> list[Summary]:
+def end_to_end(
+    d: Deployment, workload: Workload, loads: Sequence[float], count: int, time_limit_s: float,
+    request_timeout_s: float = 120.0, mode: str = "concurrency",
+) -> list[Summary]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"compare-{d.name}-") as tmp, ExitStack() as stack:
         frontend = serve(on_free_ports(d), Path(tmp), stack)
         summaries, _ = sweep(
-            frontend.grpc_url, workload, loads, "concurrency", count=count, time_limit_s=time_limit_s,
-            engines=engine_count(d), progress=sys.stderr.isatty(),
+            frontend.grpc_url, workload, loads, mode, count=count, time_limit_s=time_limit_s,
+            engines=engine_count(d), progress=sys.stderr.isatty(), request_timeout_s=request_timeout_s,
         )  # fmt: skip
     return summaries
 
@@ -139,18 +142,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("deployments", nargs="+", type=Path, help="deployment files (same engine count)")
     parser.add_argument("--isl", default="fixed:1024", help="input length: N, fixed:N, uniform:A:B, normal:MEAN:STD")
     parser.add_argument("--osl", default="fixed:128", help="output length, as --isl")
-    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels, comma-separated")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels, comma-separated (also the generation-only sweep's)")
+    parser.add_argument("--rate", default="", help="open-loop Poisson rates (requests/s) for the end-to-end runs instead")
     parser.add_argument("--context-concurrency", default="1,2,4,8")
     parser.add_argument("--count", type=int, default=48, help="requests per level (at least 2x the level in phase sweeps)")
     parser.add_argument("--time-limit-s", type=float, default=120.0, help="per level")
     parser.add_argument("--ttft-bound-ms", type=float, default=1000.0, help="context capacity: TTFT p50 within this")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="a request unanswered this long counts as an error")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-phase-sweeps", action="store_true")
+    parser.add_argument("--engines-over", choices=("bls", "grpc"), help="override every deployment's orchestrator.engines_over")
     parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
     deployments = [load(p) for p in args.deployments]
+    if args.engines_over:
+        deployments = [replace(d, engines_over=args.engines_over) for d in deployments]
     counts = {d.name: engine_count(d) for d in deployments}
     if len(set(counts.values())) > 1 and not args.allow_unequal:
         print(f"error: engine counts differ {counts}: a fair comparison uses the same number (or --allow-unequal)", file=sys.stderr)
@@ -161,15 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workload = Workload(dist(args.isl), dist(args.osl), seed=args.seed)
     loads = _ints(args.concurrency)
+    mode, e2e_loads = ("rate", [float(x) for x in args.rate.split(",") if x.strip()]) if args.rate else ("concurrency", loads)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "meta": run_meta(sys.argv[1:] if argv is None else list(argv), "scripts/compare.py"),
-        "workload": workload.describe(),
+        "workload": workload.describe(), "mode": mode, "engines_over": [d.engines_over for d in deployments],
         "deployments": {},
     }
     for d in deployments:
         print(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)", flush=True)
-        summaries = end_to_end(d, workload, loads, args.count, args.time_limit_s)
+        summaries = end_to_end(d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode)
         print(format_table(summaries), flush=True)
         report["deployments"][d.name] = {"shape": shape(d), "engines": engine_count(d), "summaries": [s.as_dict() for s in summaries]}
         write_csv(args.out / f"{d.name}.csv", summaries)

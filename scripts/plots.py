@@ -30,7 +30,7 @@ def plot_compare(report: Mapping[str, Any], path: Path, title: str = "") -> Path
         ys = [s["output_tokens_per_s_per_engine"] for s in rows]
         (line,) = ax.plot(xs, ys, marker="o", label=f"{name} end to end ({run['shape']})")
         for s, x, y in zip(rows, xs, ys):
-            ax.annotate(f"k={s['load']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+            ax.annotate(f"{'k' if s['mode'] == 'concurrency' else 'rps'}={s['load']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
     matched = report.get("rate_matching", {})
     points = matched.get("points", [])
     if points:

@@ -157,6 +157,15 @@ def test_default_file_generates_the_committed_repository(tmp_path: Path) -> None
         assert _code(repos["main"] / name / "1") == _code(DEFAULT_REPOSITORY / name / "1"), name
 
 
+def test_engines_over_grpc_names_even_local_engines_by_endpoint() -> None:
+    deployment = parse(edited(STUBS, "orchestrator.engines_over", "grpc"))
+    params = deployment.orchestrator_parameters()
+    assert params["context_engines"] == "grpc://127.0.0.1:8001/context_0"
+    assert params["generation_engines"] == "grpc://127.0.0.1:8001/generation_0"
+    with pytest.raises(DeploymentError, match=r"orchestrator.engines_over: must be one of \['bls', 'grpc'\]"):
+        parse(edited(STUBS, "orchestrator.engines_over", "tcp"))
+
+
 def test_aggregated_file_has_no_context_engines(tmp_path: Path) -> None:
     deployment = load(ROOT / "deployments" / "aggregated.yaml")
     params = deployment.orchestrator_parameters()
