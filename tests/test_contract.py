@@ -335,8 +335,8 @@ def test_orchestrator_config_parses_lists_and_policies() -> None:
     ("params", "key"),
     [
         ({"generation_engines": "g"}, "context_engines"),
-        ({"context_engines": "", "generation_engines": "g"}, "context_engines"),
-        ({"context_engines": " , ,", "generation_engines": "g"}, "context_engines"),
+        ({"context_engines": "c,c", "generation_engines": "g"}, "context_engines"),
+        ({"context_engines": " , ,", "generation_engines": ""}, "generation_engines"),
         ({"context_engines": "c"}, "generation_engines"),
         ({"context_engines": "c", "generation_engines": "g,g"}, "generation_engines"),
         ({"context_engines": "c", "generation_engines": "g", "context_policy": "fastest"}, "context_policy"),

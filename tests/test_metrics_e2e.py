@@ -36,7 +36,13 @@ def test_known_traffic_moves_counters_and_histograms_by_exactly_that_much(server
     def delta(scraped: list, name: str, **labels: str) -> float:
         return total(scraped, name, **labels) - total(before, name, **labels)
 
-    after = settle(server, lambda s: delta(s, "disagg_requests_total") >= 3 and delta(s, "disagg_phase_seconds_count") >= 6)
+    def flushed(s: list) -> bool:  # every model flushes its own telemetry, each on its own 100 ms tick
+        return (
+            delta(s, "disagg_requests_total") >= 3 and delta(s, "disagg_phase_seconds_count") >= 6
+            and delta(s, "disagg_engine_queue_seconds_count") >= 6 and delta(s, "disagg_engine_kv_transfer_seconds_count") >= 3
+        )  # fmt: skip
+
+    after = settle(server, flushed)
     assert delta(after, "disagg_requests_total", outcome="ok", streaming="true") == 2
     assert delta(after, "disagg_requests_total", outcome="ok", streaming="false") == 1
     assert delta(after, "disagg_requests_total") == 3  # nothing else ended
