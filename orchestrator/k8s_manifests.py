@@ -4,7 +4,9 @@ The ConfigMap carries the deployment file itself, with each server's host replac
 Service name, so every pod builds its own model repository at start-up
 (`scripts/deploy.py build --server NAME`) from the same file the user wrote; nothing is
 generated twice or copied by hand. Pods are ready when Triton's `/v2/health/ready` says
-so (every model loaded) and alive while `/v2/health/live` answers. A pod with real engines
+so (every model loaded). The frontend is alive while a one-token request through the
+ensemble succeeds (Triton's own liveness stays green when a python stub has died);
+engine servers while `/v2/health/live` answers. A pod with real engines
 requests one GPU per distinct `gpu_device_ids` entry of its server.
 """
 
@@ -40,6 +42,24 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
 
 
+# A one-token request through the ensemble. Triton 2.51 keeps reporting live and ready after
+# a python model's stub process died (then every request fails "Stub process ... is not
+# healthy" and the stub is never restarted), so the frontend's liveness is a real request.
+_GENERATE = (
+    "import json,sys,urllib.request as u;"
+    "r=u.Request('http://127.0.0.1:{port}/v2/models/ensemble/generate',"
+    "data=json.dumps({{'text_input':'ping','max_tokens':1}}).encode(),headers={{'Content-Type':'application/json'}});"
+    "sys.exit(0 if 'text_output' in json.load(u.urlopen(r,timeout=8)) else 1)"
+)
+
+
+def _generate_probe(http_port: int) -> dict[str, Any]:
+    return {
+        "exec": {"command": ["python3", "-c", _GENERATE.format(port=http_port)]},
+        "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 3,
+    }  # fmt: skip
+
+
 def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
     """ConfigMap, then a Deployment and a Service for each server."""
     k = d.kubernetes
@@ -66,7 +86,8 @@ def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
                 {"name": "metrics", "containerPort": server.metrics_port},
             ],
             "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
-            "livenessProbe": _probe("/v2/health/live", "http", 10, 3),
+            "livenessProbe": _generate_probe(server.http_port) if server.name == d.frontend
+            else _probe("/v2/health/live", "http", 10, 3),
             "startupProbe": _probe("/v2/health/live", "http", 10, 60),  # engines may take minutes to load
             "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
                              {"name": "shm", "mountPath": "/dev/shm"}],  # fmt: skip

@@ -12,7 +12,12 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
+import subprocess
+import sys
+from dataclasses import replace
+
 from orchestrator.deployment import load
+from orchestrator.k8s_manifests import manifests
 from scripts.client import generate
 from scripts.deploy import build
 from scripts.launch import TritonServer
@@ -53,3 +58,17 @@ def test_aggregated_deployment_serves_the_same_text(aggregated: TritonServer, se
     assert engine_requests == len(PROMPTS) + 1  # one whole (aggregated) request per client request
     used = [i for i in range(4) if _successes(aggregated, f"generation_{i}")]
     assert len(used) > 1, "least_loaded spreads requests over the pool"
+
+
+def test_the_frontend_liveness_probe_is_a_real_request(aggregated: TritonServer) -> None:
+    """The Kubernetes liveness command of the frontend passes against a serving server and
+    fails against one that does not answer (Triton's own /v2/health/live would not see a
+    dead python stub)."""
+    deployment = load(ROOT / "deployments" / "aggregated.yaml")
+    for port, expected in ((aggregated.http_port, 0), (1, 1)):
+        moved = replace(deployment, servers=(replace(deployment.servers[0], http_port=port),))
+        (frontend,) = [m for m in manifests(moved, "") if m["kind"] == "Deployment"]
+        command = frontend["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["command"]
+        assert command[0] == "python3"
+        done = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
+        assert (done.returncode != 0) == bool(expected), done.stderr[-300:]
