@@ -25,8 +25,13 @@ def _rank_command(repo: str, rank: int, engines: list[str], ports: str) -> str:
     return " ".join(args)
 
 
-def launch_script(d: Deployment, server_name: str, repo: str = '"$repo"') -> str:
-    """A bash script that starts `server_name` on the repository `repo` (a shell word)."""
+def launch_script(d: Deployment, server_name: str, repo: str = '"$repo"', project: str | None = None) -> str:
+    """A bash script that starts `server_name` on the repository `repo` (a shell word).
+
+    Without real engines it runs `tritonserver` from PATH (a Triton container) or, when
+    there is none and `project` (this project's root) is given, the project's
+    `scripts/serve`, which finds Triton in the nvidia-pytriton wheel.
+    """
     server = d.server(server_name)
     ports = f"--http-port={server.http_port} --grpc-port={server.grpc_port} --metrics-port={server.metrics_port}"
     hosts = ", ".join(d.servers_hosting(server_name))
@@ -38,7 +43,15 @@ def launch_script(d: Deployment, server_name: str, repo: str = '"$repo"') -> str
     ]
     world = mpi_world_size(d, server_name)
     if not world:
-        return "\n".join([*head, f'exec "${{TRITONSERVER:-tritonserver}}" --model-repository={repo} {ports} "$@"', ""])
+        lines = [*head]
+        if project is not None:
+            serve = shlex.quote(f"{project}/scripts/serve")
+            lines += [
+                f'if ! command -v "${{TRITONSERVER:-tritonserver}}" >/dev/null && [ -x {serve} ]; then',
+                f'  exec {serve} --model-repository {repo} {ports.replace("=", " ")} "$@"',
+                "fi",
+            ]
+        return "\n".join([*lines, f'exec "${{TRITONSERVER:-tritonserver}}" --model-repository={repo} {ports} "$@"', ""])
     engines = [m for p in d.pools if p.kind == "tensorrtllm" and p.server == server_name for m in p.names]
     ranks = [_rank_command(repo, r, engines, ports) for r in range(world)]
     body = " : \\\n  -n 1 ".join(ranks)

@@ -26,6 +26,7 @@ from orchestrator.launch_plan import launch_script
 from orchestrator.trtllm_config import tensorrt_llm_config
 from scripts.repository import (
     DEFAULT_REPOSITORY,
+    REPO_ROOT,
     FRONTEND_MODELS,
     ModelSpec,
     set_instance_count,
@@ -80,7 +81,7 @@ def build(d: Deployment, out: Path, only: str | None = None, source: Path = DEFA
                 for i in range(pool.engines):
                     _write_engine(dest, d, pool, i, source)
         script = out / f"launch-{server.name}.sh"
-        script.write_text(launch_script(d, server.name))
+        script.write_text(launch_script(d, server.name, project=str(REPO_ROOT)))
         script.chmod(0o755)
         written[server.name] = dest
     if only is not None and not written:

@@ -12,15 +12,18 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
-from orchestrator.deployment import load
+from orchestrator.deployment import load, parse
 from orchestrator.k8s_manifests import manifests
 from scripts.client import generate
 from scripts.deploy import build
-from scripts.launch import TritonServer
+from scripts.launch import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [f"deployment {i}: a quick brown fox jumps over the lazy dog " * (1 + i % 2) for i in range(6)]
@@ -72,3 +75,35 @@ def test_the_frontend_liveness_probe_is_a_real_request(aggregated: TritonServer)
         assert command[0] == "python3"
         done = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
         assert (done.returncode != 0) == bool(expected), done.stderr[-300:]
+
+
+def test_the_generated_launch_script_starts_a_serving_server(tmp_path: Path) -> None:
+    """`OUT/launch-main.sh` as a user runs it: here (no tritonserver on PATH) it goes through
+    scripts/serve; the server serves the generated repository, and SIGTERM stops it."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    deployment = parse({
+        "servers": {"main": {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}},
+        "pools": {"context": {"engines": 1}, "generation": {"engines": 1}},
+    })  # fmt: skip
+    build(deployment, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITONSERVER"}
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if not (Path(p) / "tritonserver").exists())
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["bash", str(tmp_path / "launch-main.sh")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.2)
+        assert client.is_server_ready(), (tmp_path / "server.log").read_text()[-2000:]
+        text = "".join(d.text for d in generate(f"127.0.0.1:{grpc}", PROMPTS[0], 5, stream=True))
+        assert text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+        log.close()
