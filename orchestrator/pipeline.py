@@ -31,7 +31,8 @@ BLS cannot cancel a child request; where a newer Triton can, the BLS client also
 
 Every response also carries a detokenization window (`detok_window`, see
 `orchestrator.detokenize`) so the stateless postprocessing step renders exact text deltas.
-Errors end the request with one typed error response; nothing escapes to Triton.
+Errors end the request with one typed error response; nothing escapes to Triton. What a
+request has produced and every answer to its client live in `orchestrator.progress`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import numpy as np
 
@@ -56,63 +57,18 @@ from orchestrator.contract import (
     with_batch_dim,
 )
 from orchestrator.deadline import StallTimer
-from orchestrator.detokenize import DetokWindow, prompt_window
+from orchestrator.detokenize import DetokWindow
 from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
 from orchestrator.router import Phase, RouteDecision, Router
 from orchestrator.metric_registry import MemoryRegistry
+from orchestrator.progress import Progress, ResponseSink
 from orchestrator.routing import RouteRequest
 from orchestrator.telemetry import SPECS, RequestRecord, Telemetry
 
 Tensors = Mapping[str, np.ndarray]
 T = TypeVar("T")
-
-
-class ResponseSink(Protocol):
-    """One client request's response channel; exactly one call has final=True or is fail()."""
-
-    def send(self, tensors: dict[str, np.ndarray], final: bool) -> None: ...
-
-    def fail(self, error: RequestError) -> None: ...
-
-
-@dataclass(slots=True)
-class _Progress:
-    """What has been produced and sent for one request."""
-
-    request: EngineRequest
-    sink: ResponseSink
-    detok: DetokWindow
-    generated: list[int] = field(default_factory=list)
-    closed: bool = False
-    sent: int = 0  # responses sent to the client so far
-    arrival_ns: int = 0
-    first_scheduled_ns: int = 0
-    first_token_ns: int = 0
-    kv_context: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks on the context engine
-    kv_generation: tuple[int, int, int] = (0, 0, 0)  # the same on the generation engine (latest report)
-    children: dict[str, str] = field(default_factory=dict)  # child id -> engine, while it may hold work there
-    leases: dict[str, str] = field(default_factory=dict)  # finished context child -> engine, until its KV is pulled
-    phase: str = "routing"  # where the request is (for timeout messages)
-    ending: str = ""  # why its task was cancelled on purpose: "stop" or "client"
-    outcome: str = "ok"  # for metrics and the request log: ok, stopped, cancelled, timed_out, error code
-    path: str = ""  # "disaggregated" or "local"
-    context_engine: str = ""
-    generation_engine: str = ""
-    context_sent_ns: int = 0
-    context_done_ns: int = 0
-    generation_sent_ns: int = 0
-    last_token_ns: int = 0
-    retries: int = 0
-
-    def kv_blocks(self) -> tuple[int, int, int]:
-        """KV blocks the request held on both engines: new, reused (prefix hits), total."""
-        c, g = self.kv_context, self.kv_generation
-        return c[0] + g[0], c[1] + g[1], c[2] + g[2]
-
-    def finished(self) -> bool:
-        return self.request.stop.finished(self.generated) is not None
 
 
 def _child_id(key: str, phase: str, attempt: int) -> str:
@@ -155,7 +111,7 @@ def _retryable(failure: _PhaseFailed) -> bool:
 @dataclass(slots=True)
 class _InFlight:
     task: asyncio.Task[None]
-    progress: _Progress
+    progress: Progress
 
 
 class Orchestrator:
@@ -232,7 +188,7 @@ class Orchestrator:
                 f"request id '{key}' is already in flight: give every in-flight request its own id "
                 "(or none), or send stop=true with that id to end the running one"
             )
-        progress = _Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        progress = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
         task = loop.create_task(self._serve(progress, tensors, key))
         self.in_flight[key] = _InFlight(task, progress)
         task.add_done_callback(lambda t, k=key, p=progress: self._task_done(t, k, p))
@@ -240,7 +196,7 @@ class Orchestrator:
             self._watcher = loop.create_task(self._watch_cancellations())
         return task
 
-    def _task_done(self, task: asyncio.Task[None], key: str, p: _Progress) -> None:
+    def _task_done(self, task: asyncio.Task[None], key: str, p: Progress) -> None:
         """Forget the request; if it never answered, answer now. A task cancelled before its
         first step (a stop right behind its request) never ran `_serve`, so nothing else would."""
         self.in_flight.pop(key, None)
@@ -249,7 +205,7 @@ class Orchestrator:
         if task.cancelled():
             self._ended_early(p, StallTimer(0))
         else:  # _serve always answers; this is the net under a bug, never a silent hang
-            self._fail(p, RequestError("bug: the request ended without a response", ErrorCode.INTERNAL))
+            p.fail(RequestError("bug: the request ended without a response", ErrorCode.INTERNAL))
         self._release(p)
         self.telemetry.request_done(self._record(p, key))
 
@@ -264,8 +220,8 @@ class Orchestrator:
         if entry is not None and found:
             entry.progress.ending = "stop"
             entry.task.cancel()
-        p = _Progress(request=request, sink=sink, detok=DetokWindow(()), closed=True)
-        sink.send(self._tensors(p, (), p.detok.window((), final=True)), True)
+        p = Progress(request=request, sink=sink, detok=DetokWindow(()), closed=True)
+        sink.send(p.tensors((), p.detok.window((), final=True)), True)
         return found
 
     async def _watch_cancellations(self) -> None:
@@ -301,10 +257,10 @@ class Orchestrator:
 
     async def serve(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink, key: str = "") -> None:
         """Serve one request on the caller's task (start() is the usual way); never raises."""
-        progress = _Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        progress = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
         await self._serve(progress, tensors, key or request.request_id or uuid.uuid4().hex)
 
-    async def _serve(self, progress: _Progress, tensors: Tensors, key: str) -> None:
+    async def _serve(self, progress: Progress, tensors: Tensors, key: str) -> None:
         """Every path ends in exactly one final response or error, and releases every child."""
         deadline = StallTimer(self.config.request_timeout_s)
         try:
@@ -312,7 +268,7 @@ class Orchestrator:
                 deadline.arm()
             await self._run(progress, tensors, key)
             if not progress.closed:
-                self._close(progress)
+                progress.close()
         except asyncio.CancelledError:
             if not self._ended_early(progress, deadline):
                 raise  # cancelled from outside (shutdown): the task ends cancelled, as asked
@@ -320,15 +276,15 @@ class Orchestrator:
             error = failure.error
             if error.code is ErrorCode.NOT_FOUND:  # retries spent: to the client, an unavailable backend
                 error = EngineUnavailable(f"the context phase's KV cache was lost and retries are spent: {error.message}")
-            self._fail(progress, error)
+            progress.fail(error)
         except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
-            self._fail(progress, as_request_error(exc))
+            progress.fail(as_request_error(exc))
         finally:
             deadline.disarm()
             self._release(progress)
             self.telemetry.request_done(self._record(progress, key))
 
-    def _record(self, p: _Progress, key: str) -> RequestRecord:
+    def _record(self, p: Progress, key: str) -> RequestRecord:
         return RequestRecord(
             request_id=key, streaming=p.request.streaming, outcome=p.outcome, path=p.path,
             context_engine=p.context_engine, generation_engine=p.generation_engine,
@@ -338,37 +294,37 @@ class Orchestrator:
             end_ns=time.time_ns(),
         )  # fmt: skip
 
-    def _ended_early(self, p: _Progress, deadline: StallTimer) -> bool:
+    def _ended_early(self, p: Progress, deadline: StallTimer) -> bool:
         """The request's task was cancelled: say why in the one final response; returns whether
         we cancelled it ourselves (stop, client cancellation, deadline)."""
         if p.ending == "stop":
             p.outcome = "stopped"
             if not p.closed:
-                self._close(p)
+                p.close()
             return True
         if deadline.fired:
             deadline.absorb()
             p.outcome = "timed_out"
-            self._fail(p, EngineUnavailable(
+            p.fail(EngineUnavailable(
                 f"request timed out: no result within request_timeout_s={deadline.timeout_s:g} "
                 f"(it was in the {p.phase} phase)"
             ))  # fmt: skip
             return True
         if p.ending == "client":
-            self._fail(p, RequestError("request cancelled by the client", ErrorCode.CANCELLED))
+            p.fail(RequestError("request cancelled by the client", ErrorCode.CANCELLED))
             return True
         p.outcome = "cancelled"
-        self._fail(p, RequestError("request cancelled: the orchestrator is shutting down", ErrorCode.CANCELLED))
+        p.fail(RequestError("request cancelled: the orchestrator is shutting down", ErrorCode.CANCELLED))
         return False
 
-    def _release(self, p: _Progress) -> None:
+    def _release(self, p: Progress) -> None:
         """Stop whatever the request still holds on engines: open children, unpulled leases."""
         for child_id, engine in (*p.children.items(), *p.leases.items()):
             self.child_stops.send(engine, child_id)
         p.children.clear()
         p.leases.clear()
 
-    async def _run(self, p: _Progress, tensors: Tensors, key: str) -> None:
+    async def _run(self, p: Progress, tensors: Tensors, key: str) -> None:
         req = p.request
         p.phase = "routing"
         route = self.router.request(key, req.input_ids, req.stop.max_new_tokens)
@@ -388,14 +344,14 @@ class Orchestrator:
         p.generated.append(first)
         done = context.context_phase_params is None or p.finished()
         if req.streaming:
-            self._emit(p, (first,), final=done)
+            p.emit((first,), final=done)
         if done:
             return
         p.phase = "generation"
         await self._generation(p, tensors, route, generation, context.context_phase_params, key)
 
     # -- context phase -------------------------------------------------------------------
-    async def _context(self, p: _Progress, tensors: Tensors, route: RouteRequest, key: str) -> EngineOutput:
+    async def _context(self, p: Progress, tensors: Tensors, route: RouteRequest, key: str) -> EngineOutput:
         """The context phase, retried on other context engines when one fails."""
         tried: list[str] = []
         last: _PhaseFailed | None = None
@@ -456,7 +412,7 @@ class Orchestrator:
         finally:
             timer.disarm()
 
-    async def _context_attempt(self, p: _Progress, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
+    async def _context_attempt(self, p: Progress, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
         params = {"request_type": RequestType.CONTEXT_ONLY.value}
         result: EngineOutput | None = None
         async for reply in self._replies(p, engine, "context", _child_inputs(tensors, False), params, child_id):
@@ -470,7 +426,7 @@ class Orchestrator:
             p.leases[child_id] = engine  # its KV waits there until the generation engine pulls it
         return result
 
-    def _note_context(self, p: _Progress, context: EngineOutput) -> None:
+    def _note_context(self, p: Progress, context: EngineOutput) -> None:
         if context.perf is not None:
             if context.perf.arrival_time_ns:  # the earlier of the two clocks' views of arrival
                 p.arrival_ns = min(p.arrival_ns, context.perf.arrival_time_ns)
@@ -483,7 +439,7 @@ class Orchestrator:
 
     # -- generation phase (or both phases, without a blob) -----------------------------------
     async def _generation(
-        self, p: _Progress, tensors: Tensors, route: RouteRequest, decision: RouteDecision, blob: bytes | None, key: str
+        self, p: Progress, tensors: Tensors, route: RouteRequest, decision: RouteDecision, blob: bytes | None, key: str
     ) -> None:
         """Generation, retried on other engines while no generated token reached the client.
 
@@ -520,13 +476,13 @@ class Orchestrator:
             self.router.success(decision)
             return
 
-    async def _rerun_context(self, p: _Progress, tensors: Tensors, route: RouteRequest, key: str) -> bytes:
+    async def _rerun_context(self, p: Progress, tensors: Tensors, route: RouteRequest, key: str) -> bytes:
         context = await self._context(p, tensors, route, f"{key}:again")
         if not context.tokens or context.tokens[-1] != p.generated[0] or context.context_phase_params is None:
             raise EngineUnavailable("the context phase, run again after its KV cache was lost, gave a different result")
         return context.context_phase_params
 
-    async def _generation_attempt(self, p: _Progress, tensors: Tensors, engine: str, blob: bytes | None, child_id: str) -> None:
+    async def _generation_attempt(self, p: Progress, tensors: Tensors, engine: str, blob: bytes | None, child_id: str) -> None:
         req = p.request
         gen_tensors = _child_inputs(tensors, req.streaming)
         params: dict[str, str] = {}
@@ -557,10 +513,10 @@ class Orchestrator:
             p.generated.extend(tokens)
             done = p.finished()
             if req.streaming and (tokens or done):
-                self._emit(p, tokens, final=done)
+                p.emit(tokens, final=done)
 
     async def _replies(
-        self, p: _Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
+        self, p: Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
     ) -> AsyncIterator[EngineReply]:
         """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one).
 
@@ -594,59 +550,3 @@ class Orchestrator:
             if not ended:
                 self.child_stops.send(engine, child_id)
             await stream.aclose()
-
-    # -- responses ------------------------------------------------------------------
-    def _emit(self, p: _Progress, new: tuple[int, ...] | list[int], final: bool) -> None:
-        """A streaming delta: the new tokens and their detokenization window."""
-        tensors = self._tensors(p, tuple(new), p.detok.window(new, final=final))
-        p.closed = final
-        p.sent += 1
-        p.sink.send(tensors, final)
-
-    def _close(self, p: _Progress) -> None:
-        """The single final response when no delta carried the final flag."""
-        req = p.request
-        if req.streaming:
-            self._emit(p, (), final=True)
-            return
-        if req.exclude_input_in_output:
-            body = tuple(p.generated)
-            window = p.detok.window(p.generated, final=True)
-        else:
-            body = req.input_ids + tuple(p.generated)
-            window = prompt_window(req.input_ids, p.generated)
-        p.closed = True
-        p.sink.send(self._tensors(p, body, window), True)
-
-    def _fail(self, p: _Progress, error: RequestError) -> None:
-        if p.closed:
-            return
-        if p.outcome == "ok":  # a timeout or stop named it already
-            p.outcome = error.code.value.lower()
-        p.closed = True
-        try:
-            p.sink.fail(error)
-        except Exception:  # noqa: BLE001 - the client is gone; nothing is left to tell
-            pass
-
-    def _tensors(self, p: _Progress, body: tuple[int, ...], window: np.ndarray) -> dict[str, np.ndarray]:
-        """The contract's outputs for `body` (EngineOutput builds them) plus the detok window."""
-        perf = None
-        if p.request.return_perf_metrics:
-            now = time.time_ns()
-            new, reused, total = p.kv_blocks()
-            perf = PerfMetrics(
-                arrival_time_ns=p.arrival_ns,
-                first_scheduled_time_ns=p.first_scheduled_ns or p.arrival_ns,
-                first_token_time_ns=p.first_token_ns or now,
-                last_token_time_ns=now,
-                kv_cache_alloc_new_blocks=new,
-                kv_cache_reused_blocks=reused,
-                kv_cache_alloc_total_blocks=total,
-            )
-        output = EngineOutput(
-            tokens=body, perf=perf, num_input_tokens=len(p.request.input_ids), num_output_tokens=len(p.generated)
-        )
-        out = output.tensors(p.request)
-        out["detok_window"] = window.reshape(1, -1)
-        return out

@@ -1,0 +1,121 @@
+"""One client request's progress and its answers to the client.
+
+`Progress` is the per-request state the orchestrator keeps (tokens generated, children and
+leases still open on engines, timings for metrics) and the only place that writes to the
+request's `ResponseSink`: streaming deltas with their detokenization window, the single
+closing response, or a typed error. Exactly one of its calls carries the final flag.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics
+from orchestrator.detokenize import DetokWindow, prompt_window
+from orchestrator.errors import RequestError
+
+
+class ResponseSink(Protocol):
+    """One client request's response channel; exactly one call has final=True or is fail()."""
+
+    def send(self, tensors: dict[str, np.ndarray], final: bool) -> None: ...
+
+    def fail(self, error: RequestError) -> None: ...
+
+
+@dataclass(slots=True)
+class Progress:
+    """What has been produced and sent for one request, and how it is answered: streaming
+    deltas, the one closing response, or one typed error (never a second final)."""
+
+    request: EngineRequest
+    sink: ResponseSink
+    detok: DetokWindow
+    generated: list[int] = field(default_factory=list)
+    closed: bool = False
+    sent: int = 0  # responses sent to the client so far
+    arrival_ns: int = 0
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    kv_context: tuple[int, int, int] = (0, 0, 0)  # new, reused, total blocks on the context engine
+    kv_generation: tuple[int, int, int] = (0, 0, 0)  # the same on the generation engine (latest report)
+    children: dict[str, str] = field(default_factory=dict)  # child id -> engine, while it may hold work there
+    leases: dict[str, str] = field(default_factory=dict)  # finished context child -> engine, until its KV is pulled
+    phase: str = "routing"  # where the request is (for timeout messages)
+    ending: str = ""  # why its task was cancelled on purpose: "stop" or "client"
+    outcome: str = "ok"  # for metrics and the request log: ok, stopped, cancelled, timed_out, error code
+    path: str = ""  # "disaggregated" or "local"
+    context_engine: str = ""
+    generation_engine: str = ""
+    context_sent_ns: int = 0
+    context_done_ns: int = 0
+    generation_sent_ns: int = 0
+    last_token_ns: int = 0
+    retries: int = 0
+
+    def kv_blocks(self) -> tuple[int, int, int]:
+        """KV blocks the request held on both engines: new, reused (prefix hits), total."""
+        c, g = self.kv_context, self.kv_generation
+        return c[0] + g[0], c[1] + g[1], c[2] + g[2]
+
+    def finished(self) -> bool:
+        return self.request.stop.finished(self.generated) is not None
+
+    def emit(self, new: tuple[int, ...] | list[int], final: bool) -> None:
+        """A streaming delta: the new tokens and their detokenization window."""
+        tensors = self.tensors(tuple(new), self.detok.window(new, final=final))
+        self.closed = final
+        self.sent += 1
+        self.sink.send(tensors, final)
+
+    def close(self) -> None:
+        """The single final response when no delta carried the final flag."""
+        req = self.request
+        if req.streaming:
+            self.emit((), final=True)
+            return
+        if req.exclude_input_in_output:
+            body = tuple(self.generated)
+            window = self.detok.window(self.generated, final=True)
+        else:
+            body = req.input_ids + tuple(self.generated)
+            window = prompt_window(req.input_ids, self.generated)
+        self.closed = True
+        self.sink.send(self.tensors(body, window), True)
+
+    def fail(self, error: RequestError) -> None:
+        if self.closed:
+            return
+        if self.outcome == "ok":  # a timeout or stop named it already
+            self.outcome = error.code.value.lower()
+        self.closed = True
+        try:
+            self.sink.fail(error)
+        except Exception:  # noqa: BLE001 - the client is gone; nothing is left to tell
+            pass
+
+    def tensors(self, body: tuple[int, ...], window: np.ndarray) -> dict[str, np.ndarray]:
+        """The contract's outputs for `body` (EngineOutput builds them) plus the detok window."""
+        perf = None
+        if self.request.return_perf_metrics:
+            now = time.time_ns()
+            new, reused, total = self.kv_blocks()
+            perf = PerfMetrics(
+                arrival_time_ns=self.arrival_ns,
+                first_scheduled_time_ns=self.first_scheduled_ns or self.arrival_ns,
+                first_token_time_ns=self.first_token_ns or now,
+                last_token_time_ns=now,
+                kv_cache_alloc_new_blocks=new,
+                kv_cache_reused_blocks=reused,
+                kv_cache_alloc_total_blocks=total,
+            )
+        output = EngineOutput(
+            tokens=body, perf=perf, num_input_tokens=len(self.request.input_ids), num_output_tokens=len(self.generated)
+        )
+        out = output.tensors(self.request)
+        out["detok_window"] = window.reshape(1, -1)
+        return out
