@@ -6,7 +6,8 @@ Service name, so every pod builds its own model repository at start-up
 generated twice or copied by hand. Pods are ready when Triton's `/v2/health/ready` says
 so (every model loaded). The frontend is alive while a one-token request through the
 ensemble succeeds (Triton's own liveness stays green when a python stub has died);
-engine servers while `/v2/health/live` answers. A pod with real engines
+engine servers while `/v2/health/live` answers. Stub engines serve their KV leases on
+the pod's IP (`--kv-transfer-host "$POD_IP"`, from the downward API). A pod with real engines
 requests one GPU per distinct `gpu_device_ids` entry of its server.
 """
 
@@ -74,12 +75,15 @@ def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
         selector = {**labels, "app.kubernetes.io/name": name}
         build = (
             f"python3 {k.project_dir}/scripts/deploy.py build {CONFIG_PATH}/deployment.yaml "
-            f"--server {server.name} --out /models && exec bash /models/launch-{server.name}.sh"
+            f'--server {server.name} --kv-transfer-host "$POD_IP" --out /models '
+            f"&& exec bash /models/launch-{server.name}.sh"
         )
         container: dict[str, Any] = {
             "name": "tritonserver",
             "image": k.image,
             "command": ["bash", "-c", build],
+            # stub engines serve KV leases on the pod's own address (known only at run time)
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
             "ports": [
                 {"name": "http", "containerPort": server.http_port},
                 {"name": "grpc", "containerPort": server.grpc_port},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +61,18 @@ def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Pat
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # the backend needs a version folder, empty
     text = tensorrt_llm_config(name, pool, pool.real[index], d.tokenizer_dir, (stub_config / "config.pbtxt").read_text())
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def with_kv_transfer_host(d: Deployment, server: str, host: str) -> Deployment:
+    """`d` with the stub engines of `server` serving their KV leases on `host` (a pod's IP,
+    known only once the pod runs), unless the file names a kv_transfer_host itself."""
+    pools = tuple(
+        replace(p, stub={**p.stub, "kv_transfer_host": p.stub.get("kv_transfer_host", host)})
+        if p.kind == "stub" and p.server == server and "kv_transfer_host" not in p.stub
+        else p
+        for p in d.pools
+    )
+    return replace(d, pools=pools)
 
 
 def build(d: Deployment, out: Path, only: str | None = None, source: Path = DEFAULT_REPOSITORY) -> dict[str, Path]:
@@ -120,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument("file", type=Path)
     cmd.add_argument("--out", type=Path, required=True)
     cmd.add_argument("--server", help="write only this server's repository (what a pod does)")
+    cmd.add_argument("--kv-transfer-host", help="with --server: the address its stub engines serve KV on (a pod's IP)")
     k8s = sub.add_parser("k8s", help="write Kubernetes manifests (ConfigMap, Deployments, Services)")
     k8s.add_argument("file", type=Path)
     k8s.add_argument("--out", type=Path, required=True)
@@ -130,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             print(describe(d))
         elif args.command == "build":
+            if args.kv_transfer_host:
+                if not args.server:
+                    raise DeploymentError("--kv-transfer-host needs --server: it is one server's own address")
+                d = with_kv_transfer_host(d, args.server, args.kv_transfer_host)
             for name, path in build(d, args.out, args.server).items():
                 print(f"{name}: {path}  (start: {args.out / f'launch-{name}.sh'})")
         else:

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
 from orchestrator.k8s_manifests import manifests
 from orchestrator.launch_plan import launch_script
-from scripts.deploy import build, check_manifests, write_manifests
+from scripts.deploy import build, check_manifests, main, with_kv_transfer_host, write_manifests
 from scripts.repository import DEFAULT_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,7 +240,8 @@ def test_kubernetes_manifests_validate_and_probe_health(name: str, tmp_path: Pat
             assert server.host == manifest["metadata"]["name"]  # peers reach it by its Service name
         container = manifest["spec"]["template"]["spec"]["containers"][0]
         assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-        assert f"--server {server.name}" in container["command"][-1]
+        assert f"--server {server.name}" in container["command"][-1] and '--kv-transfer-host "$POD_IP"' in container["command"][-1]
+        assert container["env"] == [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     gpus = [d["spec"]["template"]["spec"]["containers"][0].get("resources", {}) for d in deployments]
     assert gpus == ([{"limits": {"nvidia.com/gpu": 2}}] if name.startswith("trtllm") else [{}, {}, {}])
 
@@ -252,3 +253,22 @@ def test_a_broken_manifest_fails_the_schema_check() -> None:
     with pytest.raises(DeploymentError, match=r"Deployment disagg-main: spec/replicas"):
         check_manifests(docs)
     assert kubernetes_validate.latest_version()
+
+
+def _parameter(config: Path, key: str) -> str:
+    params = {k: v.string_value for k, v in _model_config(config).parameters.items()}
+    return params[key]
+
+
+def test_a_pod_builds_its_stub_engines_with_its_own_kv_address(tmp_path: Path) -> None:
+    """What each Kubernetes pod runs: only its server, stub engines serving KV on its IP;
+    a kv_transfer_host written in the file wins."""
+    assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--server", "context",
+                 "--kv-transfer-host", "10.1.2.3", "--out", str(tmp_path / "pod")]) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "pod").iterdir()) == ["context", "launch-context.sh"]
+    assert _parameter(tmp_path / "pod" / "context" / "context_0" / "config.pbtxt", "kv_transfer_host") == "10.1.2.3"
+    pinned = parse(edited(THREE, "pools.context.stub", {"kv_transfer_host": "192.0.2.7"}))
+    moved = with_kv_transfer_host(pinned, "gpu", "10.1.2.3")
+    assert [p.stub["kv_transfer_host"] for p in moved.pools] == ["192.0.2.7", "10.1.2.3"]
+    assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--kv-transfer-host", "10.1.2.3",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
