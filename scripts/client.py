@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -49,6 +49,11 @@ def ensemble_inputs(prompt: str | bytes, max_tokens: int, **extra: Any) -> list[
             values[name] = np.array([[w.encode() if isinstance(w, str) else w for w in value]], dtype=object)
         else:
             values[name] = np.asarray(value)
+    return grpc_inputs(values)
+
+
+def grpc_inputs(values: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """numpy arrays -> tritonclient gRPC inputs (object arrays travel as BYTES)."""
     inputs = []
     for name, arr in values.items():
         dtype = "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)
@@ -56,6 +61,16 @@ def ensemble_inputs(prompt: str | bytes, max_tokens: int, **extra: Any) -> list[
         tensor.set_data_from_numpy(arr)
         inputs.append(tensor)
     return inputs
+
+
+def token_inputs(ids: Sequence[int], max_tokens: int, **flags: bool) -> list[grpcclient.InferInput]:
+    """Token-level inputs (the tensorrt_llm contract: orchestrator, engines), BOOL flags as [1, 1]."""
+    return grpc_inputs({
+        "input_ids": np.array([ids], dtype=np.int32),
+        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+        "request_output_len": np.array([[max_tokens]], dtype=np.int32),
+        **{name: np.array([[value]], dtype=bool) for name, value in flags.items()},
+    })  # fmt: skip
 
 
 def generate(

@@ -42,8 +42,8 @@ from orchestrator.bench_stats import Summary, write_csv  # noqa: E402
 from orchestrator.deployment import Deployment, Pool, load  # noqa: E402
 from orchestrator.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto  # noqa: E402
 from orchestrator.workload import LengthDist, Workload  # noqa: E402
-from scripts.deploy import build  # noqa: E402
-from scripts.launch import TritonServer, free_port  # noqa: E402
+from scripts.deploy import on_free_ports, serve  # noqa: E402
+from scripts.launch import TritonServer  # noqa: E402
 from scripts.loadgen import format_table, run_load, run_meta, sweep  # noqa: E402
 from scripts.overhead import TokenConnection  # noqa: E402
 from scripts.plots import plot_compare  # noqa: E402
@@ -60,32 +60,13 @@ def shape(d: Deployment) -> str:
     return f"agg{generation.engines}" if context is None else f"c{context.engines}g{generation.engines}"
 
 
-def on_free_ports(d: Deployment) -> Deployment:
-    """The same deployment with every server on free loopback ports (endpoints follow)."""
-    servers = tuple(
-        replace(s, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) for s in d.servers
-    )
-    return replace(d, servers=servers)
-
-
-def serve(d: Deployment, out: Path, stack: ExitStack) -> TritonServer:
-    """Start every server of `d` (engine servers first); returns the frontend."""
-    repos = build(d, out)
-    order = sorted(d.servers, key=lambda s: s.name == d.frontend)
-    started = {}
-    for s in order:
-        started[s.name] = stack.enter_context(TritonServer(
-            model_repository=repos[s.name], http_port=s.http_port, grpc_port=s.grpc_port, metrics_port=s.metrics_port,
-        ))  # fmt: skip
-    return started[d.frontend]
-
-
 def end_to_end(
     d: Deployment, workload: Workload, loads: Sequence[float], count: int, time_limit_s: float,
     request_timeout_s: float = 120.0, mode: str = "concurrency",
 ) -> list[Summary]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"compare-{d.name}-") as tmp, ExitStack() as stack:
-        frontend = serve(on_free_ports(d), Path(tmp), stack)
+        free = on_free_ports(d)
+        frontend = serve(free, Path(tmp), stack)[free.frontend]
         summaries, _ = sweep(
             frontend.grpc_url, workload, loads, mode, count=count, time_limit_s=time_limit_s,
             engines=engine_count(d), progress=sys.stderr.isatty(), request_timeout_s=request_timeout_s,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from orchestrator.deployment import Deployment, DeploymentError, Pool, load, mpi
 from orchestrator.k8s_manifests import in_cluster_file, manifests
 from orchestrator.launch_plan import launch_script
 from orchestrator.trtllm_config import tensorrt_llm_config
+from scripts.launch import TritonServer, free_port
 from scripts.repository import (
     DEFAULT_REPOSITORY,
     REPO_ROOT,
@@ -41,12 +43,12 @@ _STUB_SOURCE = {"context": "context_0", "generation": "generation_0"}
 
 def _frontend_specs(d: Deployment) -> dict[str, ModelSpec]:
     max_input = min(p.max_input_len for p in d.pools)
-    return {
-        "ensemble": ModelSpec("ensemble"),
-        "preprocessing": ModelSpec("preprocessing", {"tokenizer_dir": d.tokenizer_dir, "max_input_len": str(max_input)}),
-        "orchestrator": ModelSpec("orchestrator", d.orchestrator_parameters()),
-        "postprocessing": ModelSpec("postprocessing", {"tokenizer_dir": d.tokenizer_dir}),
+    overrides = {
+        "preprocessing": {"tokenizer_dir": d.tokenizer_dir, "max_input_len": str(max_input)},
+        "orchestrator": d.orchestrator_parameters(),
+        "postprocessing": {"tokenizer_dir": d.tokenizer_dir},
     }
+    return {model: ModelSpec(model, overrides.get(model, {})) for model in FRONTEND_MODELS}
 
 
 def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Path) -> None:
@@ -99,8 +101,28 @@ def build(d: Deployment, out: Path, only: str | None = None, source: Path = DEFA
         written[server.name] = dest
     if only is not None and not written:
         raise DeploymentError(f"--server {only!r}: no such server; defined: {[s.name for s in d.servers]}")
-    assert set(FRONTEND_MODELS) <= set(_frontend_specs(d)), "every frontend model is generated"
     return written
+
+
+def on_free_ports(d: Deployment) -> Deployment:
+    """The same deployment with every server on free loopback ports (endpoints follow):
+    for tests and benchmarks, which must not collide with anything already listening."""
+    servers = tuple(
+        replace(s, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) for s in d.servers
+    )
+    return replace(d, servers=servers)
+
+
+def serve(d: Deployment, out: Path, stack: ExitStack) -> dict[str, TritonServer]:
+    """Build `d` into `out` and start every server on its ports, engine servers first (the
+    frontend probes them at load); `stack` stops them all."""
+    repos = build(d, out)
+    started: dict[str, TritonServer] = {}
+    for s in sorted(d.servers, key=lambda s: s.name == d.frontend):
+        started[s.name] = stack.enter_context(TritonServer(
+            model_repository=repos[s.name], http_port=s.http_port, grpc_port=s.grpc_port, metrics_port=s.metrics_port,
+        ))  # fmt: skip
+    return started
 
 
 def describe(d: Deployment) -> str:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.bench_stats import RequestResult, Summary  # noqa: E402
 from orchestrator.tokenizer import BuiltinTokenizer  # noqa: E402
+from scripts.client import token_inputs  # noqa: E402
 from scripts.launch import TritonServer  # noqa: E402
 from orchestrator.workload import LengthDist, RequestSpec, Workload  # noqa: E402
 from scripts.loadgen import run_load, run_meta  # noqa: E402
@@ -67,21 +67,6 @@ def overhead_repository(dest: Path, token_ms: float) -> Path:
     return dest
 
 
-def token_inputs(ids: Sequence[int], max_tokens: int, streaming: bool = True) -> list[grpcclient.InferInput]:
-    values = {
-        "input_ids": np.array([ids], dtype=np.int32),
-        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
-        "request_output_len": np.array([[max_tokens]], dtype=np.int32),
-        "streaming": np.array([[streaming]], dtype=bool),
-    }
-    inputs = []
-    for name, arr in values.items():
-        tensor = grpcclient.InferInput(name, list(arr.shape), grpcclient.np_to_triton_dtype(arr.dtype))
-        tensor.set_data_from_numpy(arr)
-        inputs.append(tensor)
-    return inputs
-
-
 class TokenConnection:
     """A loadgen Connection that speaks the token-level contract (orchestrator, engines)."""
 
@@ -98,7 +83,7 @@ class TokenConnection:
         start = time.monotonic()
         events: list[tuple[float, int]] = []
         self.client.async_stream_infer(
-            self.model, token_inputs(ids, spec.max_tokens, stream), request_id=request_id,
+            self.model, token_inputs(ids, spec.max_tokens, streaming=stream), request_id=request_id,
             parameters=self.parameters, enable_empty_final_response=True,
         )  # fmt: skip
         deadline = start + self.timeout_s

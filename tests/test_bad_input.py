@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from orchestrator.tokenizer import BuiltinTokenizer
-from scripts.client import generate
+from scripts.client import generate, grpc_inputs
 from scripts.launch import TritonServer
 
 TOK = BuiltinTokenizer()
@@ -79,12 +79,7 @@ def call(server: TritonServer, model: str, tensors: Tensors, request_id: str = "
         if result.get_response().parameters["triton_final_response"].bool_param:
             done.set()
 
-    inputs = []
-    for name, arr in tensors.items():
-        dtype = "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)
-        tensor = grpcclient.InferInput(name, list(arr.shape), dtype)
-        tensor.set_data_from_numpy(arr)
-        inputs.append(tensor)
+    inputs = grpc_inputs(tensors)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         client.start_stream(callback=callback)
         client.async_stream_infer(model, inputs, request_id=request_id, parameters=params, enable_empty_final_response=True)

@@ -11,13 +11,12 @@ import threading
 import time
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
 from orchestrator.tokenizer import BuiltinTokenizer
-from scripts.client import ensemble_inputs, generate
+from scripts.client import ensemble_inputs, generate, token_inputs
 from scripts.launch import TritonServer
 from scripts.metrics import held, wait_released
 
@@ -128,21 +127,6 @@ def test_triton_cancellation_of_an_orchestrator_request_frees_its_kv(idle: Trito
     client.stop_stream(cancel_requests=True)
     client.close()
     assert wait_released(server.metrics_url, RELEASE_S) == {}
-
-
-def token_inputs(ids: list[int], output_len: int, **flags: bool) -> list[grpcclient.InferInput]:
-    values = {
-        "input_ids": np.array([ids], dtype=np.int32),
-        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
-        "request_output_len": np.array([[output_len]], dtype=np.int32),
-        **{name: np.array([[value]], dtype=bool) for name, value in flags.items()},
-    }
-    inputs = []
-    for name, arr in values.items():
-        tensor = grpcclient.InferInput(name, list(arr.shape), grpcclient.np_to_triton_dtype(arr.dtype))
-        tensor.set_data_from_numpy(arr)
-        inputs.append(tensor)
-    return inputs
 
 
 def test_ensemble_inputs_accept_stop() -> None:

@@ -18,8 +18,8 @@ from scripts.client import generate
 import yaml
 
 from orchestrator.deployment import parse
-from scripts.deploy import build
-from scripts.launch import TritonServer, free_port
+from scripts.deploy import on_free_ports, serve
+from scripts.launch import TritonServer
 
 THREE_SERVER_FILE = Path(__file__).resolve().parent.parent / "deployments" / "three-server.yaml"
 
@@ -45,19 +45,11 @@ class ThreeServers:
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeServers]:
-    out: Path = tmp_path_factory.mktemp("three_servers")
     data = yaml.safe_load(THREE_SERVER_FILE.read_text())
-    for server in data["servers"].values():
-        server.update(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     data["orchestrator"]["settings"] = {"log_routing": True}
-    deployment = parse(data)
-    repos = build(deployment, out)
-    ports = {s.name: dict(http_port=s.http_port, grpc_port=s.grpc_port, metrics_port=s.metrics_port) for s in deployment.servers}
     with ExitStack() as stack:
-        context = stack.enter_context(TritonServer(model_repository=repos["context"], **ports["context"]))
-        generation = stack.enter_context(TritonServer(model_repository=repos["generation"], **ports["generation"]))
-        frontend = stack.enter_context(TritonServer(model_repository=repos["frontend"], **ports["frontend"]))
-        yield ThreeServers(context, generation, frontend)
+        servers = serve(on_free_ports(parse(data)), tmp_path_factory.mktemp("three_servers"), stack)
+        yield ThreeServers(servers["context"], servers["generation"], servers["frontend"])
 
 
 def test_each_server_holds_only_its_part(three: ThreeServers) -> None:

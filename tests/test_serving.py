@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.detokenize import completion_text
 from orchestrator.tokenizer import BuiltinTokenizer
-from scripts.client import Delta, generate
+from scripts.client import Delta, generate, grpc_inputs
 from scripts.launch import TritonServer
 
 PROMPTS = {
@@ -211,11 +211,7 @@ def engine_call(server: TritonServer, model: str, ids: list[int], params: dict[s
         "request_output_len": np.array([[6]], dtype=np.int32),
         **tensors,
     }
-    inputs = []
-    for name, arr in values.items():
-        t = grpcclient.InferInput(name, list(arr.shape), grpcclient.np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
+    inputs = grpc_inputs(values)
     results: list = []
     done = threading.Event()
 
