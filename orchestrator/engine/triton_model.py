@@ -21,14 +21,15 @@ from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
 
 class _EngineSink:
-    __slots__ = ("pb", "sender", "request", "triton_request")
+    __slots__ = ("pb", "sender", "request", "triton_request", "requested")
 
     def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest, triton_request: Any) -> None:
         self.pb, self.sender, self.request, self.triton_request = pb_utils, sender, request, triton_request
+        self.requested = io.requested_outputs(triton_request)  # only these go out (triton_io says why)
 
     def send(self, output: EngineOutput, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.sender.send(io.response(self.pb, output.tensors(self.request)), flags=flags)
+        io.respond(self.pb, self.sender, output.tensors(self.request), self.requested, flags)
 
     def fail(self, error: RequestError) -> None:
         self.sender.send(io.error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

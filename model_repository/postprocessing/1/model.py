@@ -21,7 +21,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                responses.append(io.response(pb_utils, postprocess(self.tokenizer, io.request_tensors(request))))
+                responses.append(io.response(pb_utils, postprocess(self.tokenizer, io.request_tensors(request)), io.requested_outputs(request)))
             except Exception as exc:  # noqa: BLE001 - typed error for this request only
                 responses.append(io.error_response(pb_utils, as_request_error(exc)))
         return responses

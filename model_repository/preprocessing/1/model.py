@@ -24,7 +24,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 tensors = preprocess(self.tokenizer, io.request_tensors(request), self.limits)
-                responses.append(io.response(pb_utils, tensors))
+                responses.append(io.response(pb_utils, tensors, io.requested_outputs(request)))
             except Exception as exc:  # noqa: BLE001 - typed error for this request only
                 responses.append(io.error_response(pb_utils, as_request_error(exc)))
         return responses

@@ -45,19 +45,29 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            requested = set(request.requested_output_names())  # Triton 2.51 frees the rest off the GIL
+            streams = []  # BLS iterators, held until the stub let go of them (below)
             try:
-                ctx = list(self._child(request, self.context, "context_only").exec(decoupled=True))
+                streams.append(self._child(request, self.context, "context_only").exec(decoupled=True))
+                ctx = list(streams[-1])
                 if ctx[0].has_error():
                     raise pb_utils.TritonModelException(ctx[0].error().message())
                 blob = pb_utils.get_output_tensor_by_name(ctx[0], "context_phase_params").as_numpy()
                 extra = [pb_utils.Tensor("context_phase_params", blob.reshape(1, -1))]
-                for response in self._child(request, self.generation, "generation_only", extra).exec(decoupled=True):
+                streams.append(self._child(request, self.generation, "generation_only", extra).exec(decoupled=True))
+                for response in streams[-1]:
                     if response.has_error():
                         raise pb_utils.TritonModelException(response.error().message())
                     outputs = [t for t in response.output_tensors() if t.name() in ("output_ids", "sequence_length")]
+                    outputs = [t for t in outputs if t.name() in requested]
                     if outputs:
                         sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
+                request.is_cancelled()  # the stub's cleanup fence (below), before the final response
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception as exc:  # noqa: BLE001 - the reference would lose the final flag; we do not
+                request.is_cancelled()
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            # The stub drops its own reference to a finished BLS iterator later, without the GIL;
+            # is_cancelled() waits on the same queue, so after it ours is the last (stub_fence.py).
+            del streams
         return None

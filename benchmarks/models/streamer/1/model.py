@@ -21,12 +21,14 @@ class TritonPythonModel:
 
     async def _stream(self, request):
         sender = request.get_response_sender()
+        requested = set(request.requested_output_names())  # Triton 2.51 frees the rest off the GIL
         count = int(pb_utils.get_input_tensor_by_name(request, "request_output_len").as_numpy().reshape(-1)[0])
         for i in range(count):
             await asyncio.sleep(self.delay_s)
             ids = np.array([[[i % 500 + 1]]], dtype=np.int32)
             final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if i == count - 1 else 0
             outputs = [pb_utils.Tensor("output_ids", ids), pb_utils.Tensor("sequence_length", np.array([[1]], dtype=np.int32))]
+            outputs = [t for t in outputs if t.name() in requested]
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=final)
 
     async def execute(self, requests):
