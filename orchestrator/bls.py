@@ -1,11 +1,17 @@
 """`EngineClient` over Triton BLS, for use inside the python backend.
 
-Triton 2.51's `InferenceRequest.async_exec(decoupled=True)` returns a *blocking* iterator
-(no `__aiter__`, no `cancel()`). Pulling it on the event loop would stall every other
-request, so each child stream gets a reader thread that only calls `next()` and hands
-responses to the loop with `call_soon_threadsafe`; all `send`s stay on the loop thread
-(a thread that calls a response sender crashed the stub in trials). Where a newer Triton
-gives the iterator `__aiter__`, it is used directly.
+Triton 2.51's decoupled BLS gives a *blocking* `ResponseIterator` (no `__aiter__`, no
+`cancel()`). Pulling it on the event loop would stall every other request, so each child
+stream gets a reader thread that sends the child request (`exec`, which blocks until the
+engine took it) and then only calls `next()`, handing responses to the loop with
+`call_soon_threadsafe`; all `send`s stay on the loop thread (a thread that calls a response
+sender crashed the stub in trials). `async_exec` is not used: it runs the same `exec` on
+the loop's small default executor (six threads on two cores) through a callback that
+python_backend later fixed for a use-after-free.
+
+A finished iterator is handed to a `StubFence` (orchestrator/stub_fence.py) instead of
+being dropped: the stub frees its own reference later on a thread without the GIL, and that
+must never be the last one.
 
 Abandoning a stream early (the caller closes the generator) cancels the child request
 where the iterator has `cancel()` (newer Tritons); 2.51's has none, so the orchestrator
@@ -28,8 +34,17 @@ import numpy as np
 from orchestrator.contract import coalesce
 from orchestrator.engine_client import EngineReply
 from orchestrator.errors import ErrorCode, RequestError
+from orchestrator.stub_fence import StubFence
 
 _END = object()
+
+
+class _Refused(Exception):
+    """exec() raised: the engine never took the request."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def triton_error_code(pb_utils: Any, error: Any) -> ErrorCode:
@@ -42,9 +57,10 @@ def triton_error_code(pb_utils: Any, error: Any) -> ErrorCode:
 
 
 class BlsEngineClient:
-    def __init__(self, pb_utils: Any, requested_outputs: tuple[str, ...]) -> None:
+    def __init__(self, pb_utils: Any, requested_outputs: tuple[str, ...], fence: StubFence | None = None) -> None:
         self.pb = pb_utils
         self.requested_outputs = list(requested_outputs)
+        self.fence = fence if fence is not None else StubFence()
         self.coalesced = 0  # token replies joined into an earlier one (the loop was behind)
 
     async def is_ready(self, engine: str) -> bool:
@@ -79,46 +95,58 @@ class BlsEngineClient:
             request_id=request_id,
             parameters=json.loads(json.dumps(dict(parameters))),
         )
-        try:
-            responses = await request.async_exec(decoupled=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. the engine model is not loaded
-            yield EngineReply(error=RequestError(f"engine '{engine}' could not take the request: {exc}", ErrorCode.UNAVAILABLE))
-            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        started: list[Any] = []  # the iterator, once exec() returned (for cancel())
+        threading.Thread(
+            target=self._read, args=(request, loop, queue, started), name=f"bls-{engine}-{request_id}", daemon=True
+        ).start()
         finished = False
         try:
-            async for reply in self._replies(engine, request_id, responses):
+            async for reply in self._replies(engine, queue):
                 yield reply
             finished = True
         finally:
-            cancel = getattr(responses, "cancel", None)
+            cancel = getattr(started[0], "cancel", None) if started else None
             if not finished and cancel is not None:
                 cancel()  # real child cancellation, where this Triton has it
 
-    async def _replies(self, engine: str, request_id: str, responses: Any) -> AsyncIterator[EngineReply]:
-        if hasattr(responses, "__aiter__"):
-            async for response in responses:
-                reply = self._reply(response)
-                if reply is not None:
-                    yield reply
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+    def _read(self, request: Any, loop: asyncio.AbstractEventLoop, queue: "asyncio.Queue[Any]", started: list[Any]) -> None:
+        """On the stream's own thread: send the child request, then hand every response to the loop."""
 
-        def read() -> None:
+        def put(item: Any) -> None:
             try:
-                for response in responses:
-                    loop.call_soon_threadsafe(queue.put_nowait, response)
-            except Exception as exc:  # noqa: BLE001 - reported on the loop as an engine error
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: the model is being unloaded, nobody reads
+                pass
 
-        threading.Thread(target=read, name=f"bls-{engine}-{request_id}", daemon=True).start()
+        try:
+            responses = request.exec(decoupled=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine model is not loaded
+            put(_Refused(exc))
+            put(_END)
+            return
+        started.append(responses)
+        try:
+            for response in responses:
+                put(response)
+        except Exception as exc:  # noqa: BLE001 - reported on the loop as an engine error
+            put(exc)
+        finally:
+            self.fence.retire(responses)  # its cleanup is queued: the stub lets go of it later
+            del responses
+            put(_END)
+
+    async def _replies(self, engine: str, queue: "asyncio.Queue[Any]") -> AsyncIterator[EngineReply]:
         pending: deque[Any] = deque()  # taken from the queue while coalescing, not yet handled
         while True:
             item = pending.popleft() if pending else await queue.get()
             if item is _END:
                 return
+            if isinstance(item, _Refused):
+                message = f"engine '{engine}' could not take the request: {item.cause}"
+                yield EngineReply(error=RequestError(message, ErrorCode.UNAVAILABLE))
+                continue
             if isinstance(item, Exception):
                 yield EngineReply(error=RequestError(f"engine '{engine}' stream failed: {item}", ErrorCode.UNAVAILABLE))
                 continue

@@ -6,7 +6,9 @@ where it has none (2.51: the orchestrator's stop=true does that job)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -87,8 +89,8 @@ class FakePb:
     class TritonError:
         INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, CANCELLED = 1, 2, 3, 4, 5
 
-    def __init__(self, iterator: _BlockingIterator) -> None:
-        self.iterator = iterator
+    def __init__(self, iterator: "_BlockingIterator | Exception") -> None:
+        self.iterator: "_BlockingIterator | Exception | None" = iterator
         self.requests: list[dict[str, Any]] = []
         pb = self
 
@@ -96,9 +98,12 @@ class FakePb:
             def __init__(self, **kwargs: Any) -> None:
                 pb.requests.append(kwargs)
 
-            async def async_exec(self, decoupled: bool) -> _BlockingIterator:
+            def exec(self, decoupled: bool) -> _BlockingIterator:  # noqa: A003 - pb_utils' name
                 assert decoupled
-                return pb.iterator
+                if isinstance(pb.iterator, Exception):
+                    raise pb.iterator
+                iterator, pb.iterator = pb.iterator, None  # like Triton: the caller holds it now
+                return iterator
 
         self.InferenceRequest = InferenceRequest
 
@@ -108,7 +113,7 @@ class FakePb:
         return model_name == "context_0"
 
 
-def _client(iterator: _BlockingIterator) -> tuple[BlsEngineClient, FakePb]:
+def _client(iterator: "_BlockingIterator | Exception") -> tuple[BlsEngineClient, FakePb]:
     pb = FakePb(iterator)
     return BlsEngineClient(pb, ("output_ids",)), pb
 
@@ -225,3 +230,38 @@ def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
     (reply,) = asyncio.run(body())
     assert reply.error.code is ErrorCode.NOT_FOUND
     assert reply.error.message == "context engine 'context_1' refused the KV pull"
+
+
+def test_a_finished_iterator_is_held_by_the_fence_until_a_round_trip_crosses_it() -> None:
+    """Triton 2.51's stub drops its own reference to a finished iterator later, off the GIL:
+    ours must outlive it (orchestrator/stub_fence.py)."""
+    iterator = _BlockingIterator([_Response([1]), _Response([2])])
+    iterator.release.set()
+    client, _ = _client(iterator)
+    alive = weakref.ref(iterator)
+    del iterator
+
+    async def body() -> int:
+        return len([reply async for reply in client.stream("generation_0", {}, {}, "r:gen")])
+
+    assert asyncio.run(body()) >= 1
+    gc.collect()
+    assert client.fence.backlog == 1 and alive() is not None
+    assert client.fence.cross(lambda: True) is True  # a cached "cancelled" may not have crossed
+    gc.collect()
+    assert client.fence.backlog == 1 and alive() is not None
+    assert client.fence.cross(lambda: False) is False
+    gc.collect()
+    assert client.fence.backlog == 0 and alive() is None
+
+
+def test_an_engine_that_refuses_the_request_is_unavailable() -> None:
+    client, _ = _client(RuntimeError("Failed for execute the inference request. Model 'generation_0' is not ready."))
+
+    async def body() -> Any:
+        return [reply async for reply in client.stream("generation_0", {}, {}, "r:gen")]
+
+    (reply,) = asyncio.run(body())
+    assert reply.error.code is ErrorCode.UNAVAILABLE
+    assert reply.error.message.startswith("engine 'generation_0' could not take the request: Failed for execute")
+    assert client.fence.backlog == 0

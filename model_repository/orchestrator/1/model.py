@@ -25,11 +25,14 @@ from orchestrator.loop_thread import LoopThread  # noqa: E402
 from orchestrator.metric_registry import TritonRegistry  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
+from orchestrator.stub_fence import StubFence  # noqa: E402
 
 ENGINE_OUTPUTS = (
     "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
     "num_input_tokens", "num_output_tokens", *PERF_OUTPUTS,
 )  # fmt: skip
+
+FENCE_BACKLOG = 64  # finished BLS iterators held before a new request's arrival releases them
 
 
 class TritonPythonModel:
@@ -37,7 +40,8 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])  # this model's folder: a relative pool_file lives here
         config = OrchestratorConfig.from_parameters(io.model_parameters(args), model_dir)
         log = pb_utils.Logger.log_info
-        self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS))
+        self.fence = StubFence()  # finished BLS iterators wait here for the stub (stub_fence.py)
+        self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS, self.fence))
         request_log = RateLimitedLog(log, config.log_requests_per_s) if config.log_requests else None
         self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
         self.orchestrator = Orchestrator(config, self.client, log=log, telemetry=self.telemetry)
@@ -55,8 +59,10 @@ class TritonPythonModel:
 
     def _serve(self, requests):
         """On the loop thread: parse each request and start its task (or stop the one it names)."""
+        if self.fence.backlog >= FENCE_BACKLOG:  # cancellation polls cross it too; this bounds it
+            self.fence.cross(requests[0].is_cancelled)
         for request in requests:
-            sink = io.SenderSink(pb_utils, request)
+            sink = io.SenderSink(pb_utils, request, self.fence)
             try:
                 tensors = io.request_tensors(request)
                 parsed = parse_request(tensors, io.request_parameters(request), request.request_id())
