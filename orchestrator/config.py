@@ -32,6 +32,9 @@ engine, skipping the context hop, when
 
 Failures (`orchestrator.health`):
 - `max_retries` (2): further engines tried per phase after a failure.
+- `max_migrations` (1): how often a streaming request whose generation engine failed after
+  tokens reached the client is continued on other engines (a context phase over prompt +
+  the tokens so far, then generation elsewhere); 0: it ends UNAVAILABLE at once.
 - `engine_timeout_s` (60): the longest wait for one reply of an engine.
 - `breaker_failures` (1), `breaker_backoff_s` (1.0), `breaker_backoff_max_s` (30):
   consecutive failures that mark an engine unhealthy, and how long it is skipped (doubling).
@@ -137,6 +140,7 @@ class OrchestratorConfig:
     local_prefill_max_tokens: int = 0
     context_queue_threshold: int = 0
     max_retries: int = 2
+    max_migrations: int = 1
     engine_timeout_s: float = 60.0
     breaker_failures: int = 1
     breaker_backoff_s: float = 1.0

@@ -20,7 +20,11 @@ Failures: an engine that errors, stays silent for `engine_timeout_s` or overruns
 timeout is reported to the router (its circuit breaker) and the phase is retried on another
 engine, at most `max_retries` times: a context phase always, a generation phase while no
 generated token has reached the client (a lost KV lease, NOT_FOUND, re-runs the context
-phase first). After that the client gets UNAVAILABLE as its final response.
+phase first). A generation engine that fails after generated tokens were streamed is left
+behind instead: the request migrates (`orchestrator.migration`), at most `max_migrations`
+times: a context phase over prompt + the tokens so far, then generation on another
+generation engine, and the client's stream goes on as if nothing happened. After that the
+client gets UNAVAILABLE as its final response.
 
 Ending early: `stop(request_id)` (TensorRT-LLM's `stop=true`) ends a request with an empty
 final response; a client's Triton cancellation (polled every `cancel_check_ms`, a bounded
@@ -41,6 +45,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
@@ -61,6 +66,7 @@ from orchestrator.detokenize import DetokWindow
 from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
+from orchestrator.migration import budget_spent, continuation_tensors, migration_failed
 from orchestrator.router import Phase, RouteDecision, Router
 from orchestrator.metric_registry import MemoryRegistry
 from orchestrator.progress import Progress, ResponseSink
@@ -88,12 +94,17 @@ def _child_inputs(tensors: Tensors, streaming: bool) -> dict[str, np.ndarray]:
 
 
 class _PhaseFailed(Exception):
-    """A phase attempt failed; `engine_fault` says whether the engine is to blame (health)."""
+    """A phase attempt failed; `engine_fault` says whether the engine is to blame (health).
+
+    `mid_stream` names the generation engine when the failure came after generated tokens
+    reached the client: no retry can hide it, a migration can.
+    """
 
     def __init__(self, error: RequestError, engine_fault: bool) -> None:
         super().__init__(error.message)
         self.error = error
         self.engine_fault = engine_fault
+        self.mid_stream = ""
 
 
 def _engine_failure(engine: str, phase: str, error: RequestError) -> _PhaseFailed:
@@ -291,7 +302,7 @@ class Orchestrator:
             prompt_tokens=len(p.request.input_ids), output_tokens=len(p.generated), retries=p.retries,
             arrival_ns=p.arrival_ns, context_sent_ns=p.context_sent_ns, context_done_ns=p.context_done_ns,
             generation_sent_ns=p.generation_sent_ns, first_token_ns=p.first_token_ns, last_token_ns=p.last_token_ns,
-            end_ns=time.time_ns(),
+            end_ns=time.time_ns(), migrations=tuple(p.migrations),
         )  # fmt: skip
 
     def _ended_early(self, p: Progress, deadline: StallTimer) -> bool:
@@ -333,8 +344,21 @@ class Orchestrator:
         self.router.count_path(local)
         self.telemetry.path(local)
         p.path = "disaggregated" if local is None else "local"
-        if local is not None:  # conditional disaggregation: both phases on the generation engine
-            await self._generation(p, tensors, route, generation, None, key)
+        try:
+            await self._phases(p, tensors, route, generation, local is None, key, [])
+        except _PhaseFailed as failure:
+            if not failure.mid_stream:
+                raise
+            await self._migrate(p, tensors, key, failure)
+
+    async def _phases(
+        self, p: Progress, tensors: Tensors, route: RouteRequest, generation: RouteDecision, disaggregated: bool,
+        key: str, tried: list[str],
+    ) -> None:  # fmt: skip
+        """Context then generation (or both on the generation engine); `tried`: generation engines to avoid."""
+        req = p.request
+        if not disaggregated:  # conditional disaggregation: both phases on the generation engine
+            await self._generation(p, tensors, route, generation, None, key, tried)
             return
         p.phase = "context"
         context = await self._context(p, tensors, route, key)
@@ -348,7 +372,57 @@ class Orchestrator:
         if done:
             return
         p.phase = "generation"
-        await self._generation(p, tensors, route, generation, context.context_phase_params, key)
+        await self._generation(p, tensors, route, generation, context.context_phase_params, key, tried)
+
+    # -- migration -----------------------------------------------------------------------
+    async def _migrate(self, p: Progress, tensors: Tensors, key: str, failure: _PhaseFailed) -> None:
+        """Continue a request whose generation engine failed mid-stream on other engines, at
+        most `max_migrations` times; the client's stream goes on where it stopped.
+
+        A failed migration, or a failure with the budget spent, ends the request with the
+        mid-stream failure's UNAVAILABLE, its message saying what was tried.
+        """
+        limit = self.config.max_migrations
+        while True:
+            if len(p.migrations) >= limit:
+                failure.error.message += budget_spent(p.migrations, limit)
+                raise failure
+            p.migrations.append(failure.mid_stream)
+            number = len(p.migrations)
+            self.log(
+                f"request {key}: generation engine {failure.mid_stream} failed after {len(p.generated)} tokens were "
+                f"streamed; migration {number} of {limit}: {failure.error.message}"
+            )
+            try:
+                await self._continuation(p, tensors, f"{key}:m{number}", failure.mid_stream)
+                return
+            except _PhaseFailed as again:
+                if again.mid_stream:  # the continuation streamed tokens, then its engine failed too
+                    failure = again
+                    continue
+                why = again.error.message
+            except RequestError as exc:  # e.g. no other generation engine to go to
+                why = exc.message
+            error = EngineUnavailable(failure.error.message + migration_failed(number, limit, why))
+            raise _PhaseFailed(error, engine_fault=False) from None
+
+    async def _continuation(self, p: Progress, tensors: Tensors, key: str, failed: str) -> None:
+        """One migration: prompt + generated tokens through both phases, avoiding the failed engine.
+
+        The request's record keeps its first context phase (TTFT and the context phase are
+        the client's); the continuation's KV counts replace the earlier ones in perf outputs.
+        """
+        req = p.request
+        cont = continuation_tensors(tensors, req, p.generated)
+        route = self.router.request(key, req.input_ids + tuple(p.generated), req.stop.max_new_tokens - len(p.generated))
+        p.phase = "routing"
+        generation = self.router.pick(Phase.GENERATION, route, [failed])
+        disaggregated = self.router.local_reason(generation, route) is None
+        first_context = p.context_engine, p.context_sent_ns, p.context_done_ns
+        try:
+            await self._phases(p, cont, route, generation, disaggregated, key, [failed])
+        finally:
+            p.context_engine, p.context_sent_ns, p.context_done_ns = first_context
 
     # -- context phase -------------------------------------------------------------------
     async def _context(self, p: Progress, tensors: Tensors, route: RouteRequest, key: str) -> EngineOutput:
@@ -439,15 +513,18 @@ class Orchestrator:
 
     # -- generation phase (or both phases, without a blob) -----------------------------------
     async def _generation(
-        self, p: Progress, tensors: Tensors, route: RouteRequest, decision: RouteDecision, blob: bytes | None, key: str
-    ) -> None:
+        self, p: Progress, tensors: Tensors, route: RouteRequest, decision: RouteDecision, blob: bytes | None, key: str,
+        tried: list[str],
+    ) -> None:  # fmt: skip
         """Generation, retried on other engines while no generated token reached the client.
 
         When the KV lease is gone (NOT_FOUND), the context phase runs again for a new blob.
+        A failure after generated tokens were streamed is marked `mid_stream` for `_migrate`.
         """
-        tried: list[str] = []
+        tried = list(tried)
         last: _PhaseFailed | None = None
         sent_before = p.sent
+        keep = len(p.generated)  # what came before this phase: a retry starts from there again
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 decision = self._pick(Phase.GENERATION, route, tried, attempt, last)
@@ -455,7 +532,9 @@ class Orchestrator:
             p.generation_engine, p.generation_sent_ns = decision.engine, time.time_ns()
             try:
                 with self.router.track(decision, route.prompt_tokens + route.max_tokens):
-                    attempt_run = self._generation_attempt(p, tensors, decision.engine, blob, _child_id(key, "gen", attempt))
+                    child_id = _child_id(key, "gen", attempt)
+                    migrated = bool(p.migrations)
+                    attempt_run = self._generation_attempt(p, tensors, decision.engine, blob, child_id, migrated)
                     await self._timed(attempt_run, "generation", decision.engine, self.config.generation_timeout_s)
             except _PhaseFailed as failure:
                 self._failed(decision, failure)
@@ -463,57 +542,65 @@ class Orchestrator:
                     tried.append(decision.engine)
                 if not _retryable(failure) or attempt == self.config.max_retries or p.sent != sent_before:
                     if p.sent != sent_before and _retryable(failure):
-                        failure.error.message += " (after tokens were streamed: not retried)"
+                        failure.mid_stream = decision.engine
                     raise
                 last = failure
-                p.generated = p.generated[: 1 if blob is not None else 0]
+                p.generated = p.generated[:keep]
                 if failure.error.code is ErrorCode.NOT_FOUND and blob is not None:
                     p.leases.clear()  # gone already
                     p.phase = "context"
-                    blob = await self._rerun_context(p, tensors, route, key)
+                    blob = await self._rerun_context(p, tensors, route, key, p.generated[-1])
                     p.phase = "generation"
                 continue
             self.router.success(decision)
             return
 
-    async def _rerun_context(self, p: Progress, tensors: Tensors, route: RouteRequest, key: str) -> bytes:
+    async def _rerun_context(self, p: Progress, tensors: Tensors, route: RouteRequest, key: str, first: int) -> bytes:
         context = await self._context(p, tensors, route, f"{key}:again")
-        if not context.tokens or context.tokens[-1] != p.generated[0] or context.context_phase_params is None:
+        if not context.tokens or context.tokens[-1] != first or context.context_phase_params is None:
             raise EngineUnavailable("the context phase, run again after its KV cache was lost, gave a different result")
         return context.context_phase_params
 
-    async def _generation_attempt(self, p: Progress, tensors: Tensors, engine: str, blob: bytes | None, child_id: str) -> None:
+    async def _generation_attempt(
+        self, p: Progress, tensors: Tensors, engine: str, blob: bytes | None, child_id: str, continuation: bool = False
+    ) -> None:
+        """One generation child; `continuation`: a migrated request's, whose engine sees only
+        its own part of the output (a stop word across the cut is ours to find, and ends it)."""
         req = p.request
         gen_tensors = _child_inputs(tensors, req.streaming)
         params: dict[str, str] = {}
         if blob is not None:
             gen_tensors["context_phase_params"] = np.frombuffer(blob, dtype=np.uint8).reshape(1, -1)
             params["request_type"] = RequestType.GENERATION_ONLY.value
+        first = p.generated[-1] if blob is not None else None
         repeat_pending = blob is not None  # the generation engine repeats the context's first token
-        async for reply in self._replies(p, engine, "generation", gen_tensors, params, child_id):
-            if p.closed:
-                continue  # drain: the engine's stream ends by itself after its final reply
-            if reply.error is not None:
-                raise _engine_failure(engine, "generation", reply.error)
-            p.leases.clear()  # a reply means the KV arrived: the context engine has freed it
-            output = EngineOutput.from_tensors(reply.tensors or {})
-            if output.perf is not None:
-                p.kv_generation = _kv_counts(output.perf)
-                if blob is None and not p.first_scheduled_ns:
-                    p.first_scheduled_ns = output.perf.first_scheduled_time_ns
-            tokens = output.tokens
-            if repeat_pending and tokens:
-                repeat_pending = False
-                if tokens[0] == p.generated[0]:
-                    tokens = tokens[1:]
-            if tokens:
-                p.last_token_ns = time.time_ns()
-                if not p.first_token_ns:
-                    p.first_token_ns = p.last_token_ns
-            p.generated.extend(tokens)
-            done = p.finished()
-            if req.streaming and (tokens or done):
-                p.emit(tokens, final=done)
+        async with aclosing(self._replies(p, engine, "generation", gen_tensors, params, child_id)) as replies:
+            async for reply in replies:
+                if p.closed:
+                    if continuation:
+                        break  # its engine may not know the request is done: aclosing stops the child
+                    continue  # drain: the engine's stream ends by itself after its final reply
+                if reply.error is not None:
+                    raise _engine_failure(engine, "generation", reply.error)
+                p.leases.clear()  # a reply means the KV arrived: the context engine has freed it
+                output = EngineOutput.from_tensors(reply.tensors or {})
+                if output.perf is not None:
+                    p.kv_generation = _kv_counts(output.perf)
+                    if blob is None and not p.first_scheduled_ns:
+                        p.first_scheduled_ns = output.perf.first_scheduled_time_ns
+                tokens = output.tokens
+                if repeat_pending and tokens:
+                    repeat_pending = False
+                    if tokens[0] == first:
+                        tokens = tokens[1:]
+                if tokens:
+                    p.last_token_ns = time.time_ns()
+                    if not p.first_token_ns:
+                        p.first_token_ns = p.last_token_ns
+                p.generated.extend(tokens)
+                done = p.finished()
+                if req.streaming and (tokens or done):
+                    p.emit(tokens, final=done)
 
     async def _replies(
         self, p: Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str

@@ -56,6 +56,7 @@ class Progress:
     generation_sent_ns: int = 0
     last_token_ns: int = 0
     retries: int = 0
+    migrations: list[str] = field(default_factory=list)  # generation engines that failed mid-stream, in order
 
     def kv_blocks(self) -> tuple[int, int, int]:
         """KV blocks the request held on both engines: new, reused (prefix hits), total."""

@@ -12,7 +12,9 @@ orchestrator (one observation per request, recorded when it ends):
 - `requests_total{outcome,streaming}`: ok, stopped, cancelled, timed_out, or the error
   code (unavailable, invalid_arg, ...);
 - `routing_decisions_total{phase,policy,engine}`, `routing_retries_total{phase}`,
-  `routing_local_total{reason}`, `routing_disaggregated_total`.
+  `routing_local_total{reason}`, `routing_disaggregated_total`;
+- `orchestrator_migrations_total{engine,outcome}`: requests continued on other engines after
+  their generation engine (`engine`) failed mid-stream, by how the request then ended.
 
 engines (stub engines; a real TensorRT-LLM engine reports its own):
 - `engine_queue_seconds{engine,phase}`: arrival -> first scheduled;
@@ -43,6 +45,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_routing_retries_total", "counter", "phase attempts retried on another engine"),
     MetricSpec("disagg_routing_local_total", "counter", "requests served without the context hop, by reason"),
     MetricSpec("disagg_routing_disaggregated_total", "counter", "requests served by a context and a generation engine"),
+    MetricSpec("disagg_orchestrator_migrations_total", "counter", "requests moved off a generation engine mid-stream"),
 )
 ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_queue_seconds", "histogram", "arrival to first scheduled on the engine", TIME_BUCKETS),
@@ -73,6 +76,8 @@ class RequestRecord:
     first_token_ns: int
     last_token_ns: int
     end_ns: int
+    migrations: tuple[str, ...] = ()  # the generation engines that failed mid-stream, in order
+
 
     @property
     def ttft_s(self) -> float | None:
@@ -108,7 +113,8 @@ class RequestRecord:
             f"request id={self.request_id or '-'} outcome={self.outcome} path={self.path or '-'} "
             f"context={self.context_engine or '-'} generation={self.generation_engine or '-'} "
             f"streaming={str(self.streaming).lower()} prompt_tokens={self.prompt_tokens} "
-            f"output_tokens={self.output_tokens} retries={self.retries} ttft_ms={ms(self.ttft_s)} "
+            f"output_tokens={self.output_tokens} retries={self.retries} migrations={len(self.migrations)} "
+            f"ttft_ms={ms(self.ttft_s)} "
             f"context_ms={ms(self.context_s)} generation_ms={ms(self.generation_s)} "
             f"tpot_ms={ms(self.tpot_s)} e2e_ms={ms(self.e2e_s)}"
         )
@@ -186,6 +192,8 @@ class Telemetry:
     def request_done(self, record: RequestRecord) -> None:
         streaming = str(record.streaming).lower()
         self.inc("disagg_requests_total", {"outcome": record.outcome, "streaming": streaming})
+        for engine in record.migrations:
+            self.inc("disagg_orchestrator_migrations_total", {"engine": engine, "outcome": record.outcome})
         self.observe("disagg_request_e2e_seconds", {"path": record.path or "none", "streaming": streaming}, record.e2e_s)
         first_engine = record.context_engine or record.generation_engine
         if record.ttft_s is not None:

@@ -12,7 +12,9 @@ then checks what must hold after any load:
   an empty final when streaming, the text so far when not), nothing after it, and none
   hung (per-request timeout); every stop request got one empty final response;
 - errors are only the kinds faults and stops may cause (UNAVAILABLE, CANCELLED) and no
-  message carries a Python traceback;
+  message carries a Python traceback; on its own repository (`max_migrations: 1`) no
+  request ends with a mid-stream failure that was not migrated ("not retried"): an
+  injected crash after streamed tokens must end `ok`, its text equal to the others';
 - completed outputs are deterministic: every completion of the same prompt and sampling
   inputs is the same text, streamed or not, and a cut-short stream is a prefix of it;
 - afterwards every `disagg_*` gauge (requests, child requests, leases, KV blocks, pending
@@ -62,6 +64,7 @@ from orchestrator.tokenizer import WORDS  # noqa: E402
 from scripts.client import ensemble_inputs  # noqa: E402
 from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
 from scripts.metrics import gauges as metric_gauges  # noqa: E402
+from scripts.metrics import samples as metric_samples  # noqa: E402
 from scripts.repository import ModelSpec, derive, set_parameters  # noqa: E402
 
 MODEL = "ensemble"
@@ -70,6 +73,9 @@ CONTEXT_ENGINES = ("context_0", "context_1")
 GENERATION_ENGINES = ("generation_0", "generation_1")
 # What injected faults and stops may legitimately end a request with; anything else is a bug.
 EXPECTED_ERROR_CODES = ("UNAVAILABLE", "CANCELLED")
+# A mid-stream engine failure that ended the request instead of migrating it (max_migrations=0's wording).
+NOT_MIGRATED = "(after tokens were streamed: not retried)"
+MIGRATIONS_METRIC = "disagg_orchestrator_migrations_total"
 ENSEMBLE_PREFIX = "in ensemble 'ensemble', "
 # The python backend stub's own race (README, "Facts about Triton"): logged, harmless.
 BENIGN_LOG_TRACEBACKS = ("Cannot remove future from background",)
@@ -97,8 +103,9 @@ def default_faults(rate: float) -> tuple[Fault, ...]:
     - context_0 crashes before its response: the context phase is retried elsewhere;
     - context_1 drops its KV lease: the generation pull finds nothing (NOT_FOUND) and the
       context phase runs again;
-    - generation_0 crashes after 2 generated tokens: a streamed request ends UNAVAILABLE
-      (the client-visible fault), its blocks freed mid-stream;
+    - generation_0 crashes after 2 generated tokens: a streamed request migrates (a context
+      phase over prompt + tokens so far, then the other generation engine) and ends ok with
+      the same text; a non-streamed one is retried; its blocks are freed mid-stream;
     - generation_1 hangs (at a fifth of the rate, each costs `engine_timeout_s`): the
       orchestrator times the attempt out, stops the silent child and retries.
     """
@@ -133,6 +140,7 @@ def soak_repository(dest: Path, faults: Sequence[Fault], engine_timeout_s: float
     models["orchestrator"] = ModelSpec("orchestrator", {
         "engine_timeout_s": f"{engine_timeout_s:g}",
         "max_retries": "2",
+        "max_migrations": "1",
         "breaker_backoff_s": "0.2",
         "breaker_backoff_max_s": "2",
     })  # fmt: skip
@@ -582,6 +590,20 @@ def expected_gauges(engines: Sequence[str], orchestrator: str = "orchestrator") 
     return keys
 
 
+def migration_counts(metrics: str) -> dict[str, float] | None:
+    """`disagg_orchestrator_migrations_total` summed by outcome (the orchestrator flushed it
+    when each request ended, before the gauges read 0); None when the endpoint is gone."""
+    try:
+        scraped = metric_samples(metrics, prefix=MIGRATIONS_METRIC)
+    except OSError:
+        return None
+    counts: dict[str, float] = {}
+    for _, labels, value in scraped:
+        outcome = labels.get("outcome", "")
+        counts[outcome] = counts.get(outcome, 0.0) + value
+    return counts
+
+
 def wait_gauges_zero(metrics: str, expected: set[str], deadline_s: float) -> tuple[float, dict[str, float]]:
     """Poll until every holding gauge reads 0 twice in a row, more than a sampling interval
     apart (a leak stays non-zero). Returns (seconds waited, what was non-zero or missing at
@@ -634,6 +656,7 @@ class SoakReport:
     rss_growth_by_process_mib: dict[str, float]  # where the growth is (tritonserver, each stub)
     leak_wait_s: dict[str, float]  # how long the gauges took to reach 0: warmup, end
     leaked: dict[str, float]  # gauges still non-zero at the deadline
+    migrations: dict[str, float] | None  # requests migrated mid-stream, by how they ended (None: no metrics)
     server_log: str | None  # the server's log file (own server only)
     failures: list[str]
 
@@ -652,6 +675,8 @@ class SoakReport:
             f"growth {mib(self.rss_growth_mib)} (bound {self.max_rss_growth_mib:g} MiB)"
             + (" = " + ", ".join(f"{k} {v:+.1f}" for k, v in sorted(self.rss_growth_by_process_mib.items()))
                if self.rss_growth_by_process_mib else ""),
+            "migrations " + ("not read" if self.migrations is None else ", ".join(
+                f"{k}={v:g}" for k, v in sorted(self.migrations.items())) or "none"),
             "leaks      " + (f"NON-ZERO: {self.leaked}" if self.leaked
                              else f"none: every holding gauge back at 0 after {waits}" if waits else "not checked"),
         ]  # fmt: skip
@@ -696,8 +721,9 @@ def classify(o: Outcome, refs: Mapping[Key, str]) -> str:
     return o.kind
 
 
-def check_outcomes(outcomes: Sequence[Outcome], refs: Mapping[Key, str]) -> list[str]:
-    """The per-request promises, and determinism of the outputs."""
+def check_outcomes(outcomes: Sequence[Outcome], refs: Mapping[Key, str], migrating: bool = False) -> list[str]:
+    """The per-request promises, and determinism of the outputs; `migrating`: the server
+    migrates requests whose generation engine failed mid-stream (none may end without)."""
     failures: list[str] = []
 
     def fail(what: str, items: list[str]) -> None:
@@ -722,6 +748,9 @@ def check_outcomes(outcomes: Sequence[Outcome], refs: Mapping[Key, str]) -> list
          [f"{o.plan.request_id}: {o.message}" for o in outcomes if o.kind == "error" and o.code not in EXPECTED_ERROR_CODES])
     fail("error messages with a traceback",
          [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if "Traceback" in o.message])
+    if migrating:
+        fail("mid-stream failures that were not migrated",
+             [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if NOT_MIGRATED in o.message])
     fail("broken response promises", [f"{o.plan.request_id}: {p}" for o in outcomes for p in o.problems])
     fail("completions that differ from another of the same inputs", [
         f"{o.plan.request_id} (stream={o.plan.stream}) {o.text[:60]!r} != {ref_ids[o.plan.key]} {refs[o.plan.key][:60]!r}"
@@ -794,8 +823,10 @@ def run_soak(
     with contextlib.ExitStack() as stack:
         server: TritonServer | None = None
         engines: Sequence[str] = ()
+        migrating = False  # the soak's own repository migrates mid-stream failures (max_migrations=1)
         if url is None:
             if repository is None:
+                migrating = True
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-repo-")))
                 chosen = faults if faults is not None else default_faults(fault_rate)
                 repository = soak_repository(tmp / "models", [
@@ -813,7 +844,7 @@ def run_soak(
             check_loopback(address)
         return _soak(
             url, metrics, server_pid, server, engines, requests, concurrency, time_limit_s, cancel_rate, seed,
-            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log,
+            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log, migrating,
         )  # fmt: skip
 
 
@@ -821,6 +852,7 @@ def _soak(
     url: str, metrics: str | None, server_pid: int | None, server: TritonServer | None, engines: Sequence[str],
     requests: int, concurrency: int, time_limit_s: float, cancel_rate: float, seed: int, max_rss_growth_mib: float,
     warmup: int | None, request_timeout_s: float, leak_deadline_s: float, log: Callable[[str], None],
+    migrating: bool = False,
 ) -> SoakReport:  # fmt: skip
     plans = make_plans(requests, seed, cancel_rate)
     warm_n = min(len(plans), warmup if warmup is not None else max(200, len(plans) // 20))
@@ -872,7 +904,8 @@ def _soak(
             f"server processes died during the soak: {sorted(died.values())}; a dead stub fails or strands every "
             f"request of its model, so the soak stopped after {len(outcomes)} requests"
         )  # fmt: skip
-    failures.extend(check_outcomes(outcomes, refs))
+    failures.extend(check_outcomes(outcomes, refs, migrating))
+    migrations = migration_counts(metrics) if metrics is not None and not abort.is_set() else None
     failures.extend(problems)
     growth = None if rss_warm is None or rss_end is None else rss_end - rss_warm
     if growth is not None and growth > max_rss_growth_mib:
@@ -907,6 +940,7 @@ def _soak(
         },
         leak_wait_s=leak_wait,
         leaked=leaked,
+        migrations=migrations,
         server_log=str(server.log_path) if server is not None and server.log_path else None,
         failures=failures,
     )

@@ -1,7 +1,7 @@
-"""Routing through the real pipeline and real engines (no Triton): failover, conditional
-disaggregation, KV-aware reuse, live membership. Faults are the stub engine's own
-(`fault=fail|stall`) or a real lease taken away; every scenario ends with the harness's
-no-leak check (no task, every block and lease back on every engine)."""
+"""Routing through the real pipeline and real engines (no Triton): failover, request
+migration, conditional disaggregation, KV-aware reuse, live membership. Faults are the stub
+engine's own (`fault=fail|stall|crash`) or a real lease taken away; every scenario ends with
+the harness's no-leak check (no task, every block and lease back on every engine)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,30 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import parse_request
+from orchestrator.contract import EngineOutput, parse_request
+from orchestrator.detokenize import completion_text
 from orchestrator.engine.core import EngineCore
 from orchestrator.engine_client import EngineClient, EngineReply
 from orchestrator.errors import ErrorCode, RequestError
 from orchestrator.health import BreakerState
+from orchestrator.migration import continuation_tensors
 from orchestrator.router import Phase
-from tests.pipeline_harness import FREE, PROMPTS, CollectingSink, Cluster, Tensors, client_tensors, oracle, run
+from orchestrator.stopping import build_word_list
+from tests.pipeline_harness import (
+    FREE,
+    PROMPTS,
+    SAMPLED,
+    TOK,
+    CollectingSink,
+    Cluster,
+    RecordingResponseSink,
+    Tensors,
+    assert_same_text,
+    client_tensors,
+    oracle,
+    prompt_ids,
+    run,
+)
 
 CTX, GEN = "context_only", "generation_only"
 LOCAL = "None"  # request_type of a request that runs both phases on one engine
@@ -138,8 +155,9 @@ class FailAfter:
         return await self.inner.is_ready(engine)
 
 
-def test_generation_failure_after_streamed_tokens_ends_unavailable() -> None:
-    """Tokens already reached the client: no retry, one UNAVAILABLE final error, nothing leaks."""
+def test_generation_failure_after_streamed_tokens_ends_unavailable_without_migrations() -> None:
+    """max_migrations=0: tokens already reached the client, so no retry, one UNAVAILABLE final
+    error with the old wording, nothing leaks."""
 
     async def body(c: Cluster) -> None:
         sink = await c.serve(client_tensors(PROMPTS["ascii"], 20, streaming=True), "r")
@@ -147,8 +165,158 @@ def test_generation_failure_after_streamed_tokens_ends_unavailable() -> None:
         assert error.code is ErrorCode.UNAVAILABLE
         assert "generation_0" in error.message and "device lost" in error.message and "not retried" in error.message
         assert len(sink.responses) >= 2 and c.client.engines(GEN) == ["generation_0"]
+        assert migrations(c) == 0
 
-    run(body, wrap=lambda inner: FailAfter(inner, 3))
+    run(body, wrap=lambda inner: FailAfter(inner, 3), routing={"max_migrations": 0})
+
+
+# -- request migration ----------------------------------------------------------------------
+
+# Crashes after streaming 3 tokens (its first reply repeats the context's first token, so
+# the client has 3 generated tokens when it fails); round robin without a breaker sends
+# each new request to generation_0 first, so every streaming request meets the crash.
+CRASH_AT = 3
+MIGRATING = {"generation_policy": "round_robin", "context_policy": "round_robin", "breaker_failures": 1000}
+
+
+def crashing(phase: str = "generation") -> Any:
+    return FREE.__class__.free(kv_lease_timeout_s=0.5, fault="crash", fault_after_tokens=CRASH_AT, fault_phase=phase)
+
+
+def migrations(c: Cluster, **labels: str) -> float:
+    registry = c.orch.telemetry.registry
+    if not labels:
+        return registry.total("disagg_orchestrator_migrations_total")  # type: ignore[attr-defined]
+    return registry.value("disagg_orchestrator_migrations_total", **labels)  # type: ignore[attr-defined]
+
+
+def outputs(sink: RecordingResponseSink) -> list[EngineOutput]:
+    return [EngineOutput.from_tensors(r.tensors) for r in sink.responses if r.tensors is not None]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("prompt", list(PROMPTS.values()), ids=list(PROMPTS))
+def test_crash_after_streamed_tokens_migrates_and_the_stream_is_exact(prompt: str, sampled: bool) -> None:
+    """generation_0 crashes mid-stream: a context phase over prompt + the 3 tokens so far, then
+    generation_1 go on; the client sees one stream, each token once, equal to an undisturbed
+    run's tokens and text, with cumulative counts and the first token's perf times kept."""
+    perf = {"return_perf_metrics": np.array([[True]]), "return_num_output_tokens": np.array([[True]])}
+
+    async def body(c: Cluster) -> None:
+        tensors = client_tensors(prompt, 24, streaming=True, extra={**(SAMPLED if sampled else {}), **perf})
+        expected = await oracle(tensors)
+        sink = await c.serve(tensors, "r")
+        sink.succeeded()
+        assert sink.ids == expected
+        assert_same_text(sink.text, completion_text(TOK, prompt_ids(tensors), expected))
+        assert c.client.calls == [
+            ("context_0", CTX), ("generation_0", GEN), ("context_1", CTX), ("generation_1", GEN),
+        ]  # fmt: skip
+        outs = outputs(sink)
+        assert [len(o.tokens) for o in outs[:4]] == [1, 1, 1, 1]  # the continuation's first token is the 4th
+        counts = [o.num_output_tokens for o in outs]
+        assert counts == sorted(counts) and counts[-1] == len(expected)
+        assert len({o.perf.arrival_time_ns for o in outs if o.perf}) == 1
+        assert len({o.perf.first_token_time_ns for o in outs if o.perf}) == 1
+        assert migrations(c, engine="generation_0", outcome="ok") == 1 and migrations(c) == 1
+        assert c.orch.router.retries["generation"] == 0  # a migration is not a retry
+
+    run(body, configs={"generation_0": crashing()}, routing=MIGRATING)
+
+
+@pytest.mark.parametrize("cut", [(2, 4), (2, 5)], ids=["ends-on-context-token", "ends-on-generation-token"])
+def test_stop_word_across_the_cut_is_found_and_ends_the_continuation(cut: tuple[int, int]) -> None:
+    """A stop word that began before the crash and ends after it: only the orchestrator sees
+    it whole. It ends the stream exactly where an undisturbed run ends; the continuation's
+    unpulled lease or still-running child is stopped (the harness's leak check)."""
+
+    async def body(c: Cluster) -> None:
+        plain = client_tensors(PROMPTS["ascii"], 24, streaming=True)
+        word = (await oracle(plain))[cut[0] : cut[1]]
+        ids, offsets = build_word_list([word])
+        stop = {"stop_words_list": np.array([[ids, offsets]], dtype=np.int32)}
+        tensors = client_tensors(PROMPTS["ascii"], 24, streaming=True, extra=stop)
+        expected = await oracle(tensors)
+        assert len(expected) == cut[1] and CRASH_AT < cut[1]  # the word is found only across the cut
+        sink = await c.serve(tensors, "r")
+        sink.succeeded()
+        assert sink.ids == expected
+        assert migrations(c, engine="generation_0", outcome="ok") == 1
+
+    run(body, configs={"generation_0": crashing()}, routing=MIGRATING)
+
+
+def test_aggregated_serving_migrates_to_another_engine_too() -> None:
+    """No context pool: the continuation runs both phases on the other generation engine."""
+
+    async def body(c: Cluster) -> None:
+        tensors = client_tensors(PROMPTS["emoji"], 16, streaming=True)
+        expected = await oracle(tensors)
+        sink = await c.serve(tensors, "r")
+        sink.succeeded()
+        assert sink.ids == expected
+        assert c.client.calls == [("generation_0", LOCAL), ("generation_1", LOCAL)]
+        assert migrations(c, engine="generation_0", outcome="ok") == 1
+
+    run(body, context=(), configs={"generation_0": crashing("any")}, routing=MIGRATING)
+
+
+def test_a_second_crash_migrates_again_while_max_migrations_allows() -> None:
+    """Both engines crash after 3 tokens: 9 tokens take two migrations (generation_0, then
+    generation_1, then generation_0 again: only the engine that just failed is avoided)."""
+
+    async def body(c: Cluster) -> None:
+        tensors = client_tensors(PROMPTS["multibyte"], 9, streaming=True)
+        expected = await oracle(tensors)
+        sink = await c.serve(tensors, "r")
+        sink.succeeded()
+        assert sink.ids == expected and len(expected) == 9
+        assert c.client.engines(GEN) == ["generation_0", "generation_1", "generation_0"]
+        assert migrations(c, engine="generation_0", outcome="ok") == 1
+        assert migrations(c, engine="generation_1", outcome="ok") == 1
+
+    both = {"generation_0": crashing(), "generation_1": crashing()}
+    run(body, configs=both, routing={**MIGRATING, "max_migrations": 2})
+
+
+def test_spent_migration_budget_ends_unavailable_and_says_so() -> None:
+    async def body(c: Cluster) -> None:
+        tensors = client_tensors(PROMPTS["ascii"], 24, streaming=True)
+        expected = await oracle(tensors)
+        sink = await c.serve(tensors, "r")
+        error = sink.failed()
+        assert error.code is ErrorCode.UNAVAILABLE
+        assert error.message.startswith("generation phase failed on engine 'generation_1'") and "crashed mid-stream" in error.message
+        assert "(after tokens were streamed: migrated 1 time, from generation_0; max_migrations=1 spent)" in error.message
+        assert sink.ids == expected[: 2 * CRASH_AT]  # what both engines streamed, each token once
+        assert migrations(c, engine="generation_0", outcome="unavailable") == 1
+
+    run(body, configs={"generation_0": crashing(), "generation_1": crashing()}, routing=MIGRATING)
+
+
+def test_migration_with_nowhere_to_go_ends_unavailable_and_says_so() -> None:
+    """The only generation engine failed: the migration cannot start; one UNAVAILABLE."""
+
+    async def body(c: Cluster) -> None:
+        sink = await c.serve(client_tensors(PROMPTS["ascii"], 24, streaming=True), "r")
+        error = sink.failed()
+        assert error.code is ErrorCode.UNAVAILABLE and "crashed mid-stream" in error.message
+        assert "(after tokens were streamed: migration 1 of max_migrations=1 failed: no generation engine is available" in error.message
+        assert len(sink.responses) == CRASH_AT
+        assert migrations(c, engine="generation_0", outcome="unavailable") == 1
+
+    run(body, generation=("generation_0",), configs={"generation_0": crashing()}, routing=MIGRATING)
+
+
+def test_crash_after_streamed_tokens_without_migrations_ends_unavailable_as_before() -> None:
+    async def body(c: Cluster) -> None:
+        sink = await c.serve(client_tensors(PROMPTS["ascii"], 24, streaming=True), "r")
+        error = sink.failed()
+        assert error.code is ErrorCode.UNAVAILABLE
+        assert error.message.endswith("crashed mid-stream (injected fault) (after tokens were streamed: not retried)")
+        assert c.client.engines(GEN) == ["generation_0"] and migrations(c) == 0
+
+    run(body, configs={"generation_0": crashing()}, routing={**MIGRATING, "max_migrations": 0})
 
 
 def test_silent_engine_times_out_and_the_phase_moves_on() -> None:
@@ -362,3 +530,14 @@ def test_readiness_probe_takes_a_dead_engine_out_and_back() -> None:
         assert "context_1" in c.client.engines(CTX)[-2:]
 
     run(body, routing={"health_check_s": 0.01})
+
+
+def test_continuation_inputs_carry_prompt_plus_generated_and_the_rest_of_the_budget() -> None:
+    tensors = client_tensors(PROMPTS["ascii"], 10, streaming=True, extra={"min_tokens": np.array([[4]], dtype=np.int32)})
+    request = parse_request(tensors, {}, "r")
+    cont = parse_request(continuation_tensors(tensors, request, [7, 8, 9]), {}, "r:m1")
+    assert cont.input_ids == request.input_ids + (7, 8, 9)
+    assert cont.stop.max_new_tokens == 7 and cont.sampling.min_tokens == 1
+    assert cont.stop.stop_words == request.stop.stop_words and cont.sampling.key() == request.sampling.key()
+    with pytest.raises(ValueError, match="nothing left to continue"):
+        continuation_tensors(tensors, request, list(range(10)))

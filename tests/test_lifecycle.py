@@ -16,6 +16,7 @@ import pytest
 from orchestrator.contract import parse_request
 from orchestrator.engine.config import EngineConfig
 from orchestrator.errors import DuplicateRequest, ErrorCode, InvalidInput
+from orchestrator.metric_registry import MemoryRegistry
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, oracle, run
 
 IDLE = {"active_requests": 0, "leases": 0, "kv_blocks_in_use": 0, "kv_blocks_reserved": 0}
@@ -229,12 +230,16 @@ def test_phase_timeout_moves_the_attempt_to_another_engine(phase: str) -> None:
 # -- injected faults through the orchestrator -----------------------------------------------
 
 
+@pytest.mark.parametrize("max_migrations", [1, 0])
 @pytest.mark.parametrize("streaming", [True, False])
-def test_crash_before_tokens_reached_the_client_is_retried(streaming: bool) -> None:
+def test_crash_mid_generation_is_retried_or_migrated(streaming: bool, max_migrations: int) -> None:
+    """Not streaming, nothing reached the client: a plain retry. Streaming, tokens did: the
+    request migrates (or, with max_migrations=0, ends in one clean UNAVAILABLE)."""
+
     async def body(c: Cluster) -> None:
         tensors = client_tensors(PROMPTS["ascii"], 12, streaming=streaming)
         sink = await c.serve(tensors, "crashy")
-        if streaming:  # the crash came after streamed tokens: one clean error, not a retry
+        if streaming and not max_migrations:
             error = sink.failed()
             assert error.code is ErrorCode.UNAVAILABLE and "crashed mid-stream" in error.message
             assert "not retried" in error.message
@@ -244,7 +249,56 @@ def test_crash_before_tokens_reached_the_client_is_retried(streaming: bool) -> N
         await released(c)
 
     crash = engine(fault="crash", fault_after_tokens=3)
-    run(body, configs=long_lease(generation_0=crash), routing={"generation_policy": "round_robin"})
+    routing = {"generation_policy": "round_robin", "max_migrations": max_migrations}
+    run(body, configs=long_lease(generation_0=crash), routing=routing)
+
+
+@pytest.mark.parametrize("ending", ["stop", "client", "request_timeout", "phase_timeout"])
+def test_ending_a_request_during_its_migration_frees_everything(ending: str) -> None:
+    """generation_0 crashes mid-stream and the continuation's generation engine hangs (its KV
+    lease on the context engine stays unpulled, its child open): a stop, a client's
+    cancellation or a timeout ends the request once, and engines hold nothing afterwards,
+    without waiting for a lease timeout."""
+
+    async def body(c: Cluster) -> None:
+        tensors = client_tensors(PROMPTS["cjk"], 40, streaming=True)
+        expected = await oracle(tensors)
+        after = 4 if ending == "client" else 1000  # 3 tokens from generation_0, then the continuation's first
+        sink = CancellingSink(after, client=c.client)
+        task = c.orch.start(parse_request(tensors, {}, "moving"), tensors, sink)
+        if ending == "stop":
+            async def reached() -> None:  # the continuation reached the hanging engine
+                while not c.cores["generation_1"].active:
+                    await asyncio.sleep(0.001)
+
+            await asyncio.wait_for(reached(), 10)
+            assert any(len(c.cores[n].leases) for n in ("context_0", "context_1"))
+            c.orch.stop(stop_request("moving"), StopSink())
+        await task
+        last = sink.terminal()
+        registry = c.orch.telemetry.registry
+        assert isinstance(registry, MemoryRegistry)
+        if ending == "stop":
+            assert last.error is None and last.ids == ()
+            assert registry.value("disagg_orchestrator_migrations_total", engine="generation_0", outcome="stopped") == 1
+        elif ending == "client":
+            assert last.error is not None and last.error.code is ErrorCode.CANCELLED
+            assert registry.value("disagg_orchestrator_migrations_total", engine="generation_0", outcome="cancelled") == 1
+        elif ending == "request_timeout":
+            assert last.error is not None and "request timed out" in last.error.message
+        else:
+            assert last.error is not None and last.error.code is ErrorCode.UNAVAILABLE
+            assert "migration 1 of max_migrations=1 failed: generation phase timed out on engine 'generation_1'" in last.error.message
+        assert sink.ids == expected[: len(sink.ids)] and len(sink.ids) >= 3
+        await released(c)
+
+    crash = engine(fault="crash", fault_after_tokens=3, fault_phase="generation")
+    routing: dict[str, Any] = {"generation_policy": "round_robin", "breaker_failures": 1000, "cancel_check_ms": 5}
+    if ending == "request_timeout":
+        routing["request_timeout_s"] = 1.0
+    if ending == "phase_timeout":
+        routing["generation_timeout_s"] = 0.5
+    run(body, configs=long_lease(generation_0=crash, generation_1=engine(fault="hang")), routing=routing)
 
 
 def test_crashing_context_engine_is_retried_on_the_other() -> None:

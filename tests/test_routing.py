@@ -248,6 +248,8 @@ def test_endpoints_parse_local_and_remote() -> None:
         ({"context_engines": "c", "generation_engines": "g", "context_policy": "best"}, "context_policy"),
         ({"context_engines": "c", "generation_engines": "g", "kv_weight": "heavy"}, "'kv_weight' must be a float"),
         ({"context_engines": "c", "generation_engines": "g", "max_retries": "-1"}, "'max_retries' must be >= 0"),
+        ({"context_engines": "c", "generation_engines": "g", "max_migrations": "-1"}, "'max_migrations' must be >= 0, got -1"),
+        ({"context_engines": "c", "generation_engines": "g", "max_migrations": "once"}, "'max_migrations' must be a int, got 'once'"),
         ({"context_engines": "c", "generation_engines": "g", "load_metric": "gpu"}, "load_metric"),
         ({"context_engines": "c", "generation_engines": "g", "engine_timeout_s": "0"}, "engine_timeout_s"),
         ({"context_engines": "c", "generation_engines": "g", "tokens_per_block": "0"}, "tokens_per_block"),
@@ -258,6 +260,12 @@ def test_endpoints_parse_local_and_remote() -> None:
 def test_config_errors_name_the_key(params: dict[str, str], message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         OrchestratorConfig.from_parameters(params, tmp_path)
+
+
+def test_max_migrations_defaults_to_one_and_zero_turns_migration_off() -> None:
+    assert OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g"}).max_migrations == 1
+    config = OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g", "max_migrations": "0"})
+    assert config.max_migrations == 0
 
 
 def test_config_reads_pools_from_a_pool_file(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def test_request_log_line_has_every_key_and_the_rate_limit_summarises() -> None:
     line = record.log_line()
     assert line == (
         "request id=r1 outcome=ok path=disaggregated context=context_1 generation=generation_0 streaming=true "
-        "prompt_tokens=12 output_tokens=5 retries=0 ttft_ms=11.0 context_ms=10.0 generation_ms=41.0 tpot_ms=10.0 e2e_ms=52.0"
+        "prompt_tokens=12 output_tokens=5 retries=0 migrations=0 ttft_ms=11.0 context_ms=10.0 generation_ms=41.0 tpot_ms=10.0 e2e_ms=52.0"
     )
     now = [0.0]
     lines: list[str] = []
