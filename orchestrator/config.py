@@ -36,6 +36,11 @@ Failures (`orchestrator.health`):
   tokens reached the client is continued on other engines (a context phase over prompt +
   the tokens so far, then generation elsewhere); 0: it ends UNAVAILABLE at once.
 - `engine_timeout_s` (60): the longest wait for one reply of an engine.
+- `next_reply_timeout_s` (10): the longest wait for an engine's next reply once its stream
+  has sent one (a decode step, not a prefill or a queue); past it the engine has failed.
+  Triton 2.51 (up to 25.03) loses a decoupled BLS child's error response that follows
+  streamed responses, so this bound is what notices a generation engine that failed
+  mid-stream over BLS (and migrates the request). 0: `engine_timeout_s` throughout.
 - `breaker_failures` (1), `breaker_backoff_s` (1.0), `breaker_backoff_max_s` (30):
   consecutive failures that mark an engine unhealthy, and how long it is skipped (doubling).
 - `health_check_s` (2.0): how often engines' readiness is probed (0: never).
@@ -142,6 +147,7 @@ class OrchestratorConfig:
     max_retries: int = 2
     max_migrations: int = 1
     engine_timeout_s: float = 60.0
+    next_reply_timeout_s: float = 10.0
     breaker_failures: int = 1
     breaker_backoff_s: float = 1.0
     breaker_backoff_max_s: float = 30.0
@@ -175,6 +181,13 @@ class OrchestratorConfig:
             self.policy_options
         except ValueError as exc:
             raise ValueError(f"orchestrator parameter {exc}") from None
+
+    @property
+    def next_reply_s(self) -> float:
+        """The wait for each reply after a stream's first one."""
+        if self.next_reply_timeout_s <= 0:
+            return self.engine_timeout_s
+        return min(self.engine_timeout_s, self.next_reply_timeout_s)
 
     @property
     def pools(self) -> Pools:

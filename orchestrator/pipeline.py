@@ -605,7 +605,9 @@ class Orchestrator:
     async def _replies(
         self, p: Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
     ) -> AsyncIterator[EngineReply]:
-        """The engine's replies, each awaited at most engine_timeout_s (a silent engine is a failed one).
+        """The engine's replies: the first awaited at most engine_timeout_s, each later one at most
+        next_reply_timeout_s (a silent engine is a failed one; over BLS, Triton 2.51 can lose
+        an engine's error that follows streamed replies).
 
         A child left before the engine ended it (timeout, cancellation, stop, our error) is
         stopped on its engine at once, so the engine frees its blocks now, not at its end.
@@ -630,6 +632,7 @@ class Orchestrator:
                     raise _PhaseFailed(error, engine_fault=True) from None
                 finally:
                     timer.disarm()
+                timer.timeout_s = self.config.next_reply_s  # the stream is running: a step, not a prefill
                 ended = reply.error is not None  # an error is always an engine's last word
                 yield reply
         finally:

@@ -8,10 +8,11 @@ ensemble (`ensemble_nomig`) runs through an orchestrator with `max_migrations: 0
 undisturbed reference is the same stub engine run in-process, undisturbed (the aggregated
 oracle of tests/pipeline_harness.py), decoded with the same built-in tokenizer.
 
-The orchestrators reach the engines over loopback gRPC (as the CI soak does): over BLS,
-Triton 2.51 does not deliver an engine's error response that follows streamed responses
-to the BLS caller, so a mid-stream crash shows only when `engine_timeout_s` runs out (the
-request still migrates then, 60 s later by default).
+The orchestrators reach the engines over loopback gRPC, except `orchestrator_bls` (behind
+`ensemble_bls`), which reaches them over BLS: there Triton 2.51 does not deliver an
+engine's error response that follows streamed responses (python_backend r24.10 leaves
+such a response's id unset), so a mid-stream crash shows as silence, and
+`next_reply_timeout_s` (1 s here) is what notices it.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     models = {m: ModelSpec(m) for m in ("ensemble", "preprocessing", "postprocessing", "orchestrator", "context_0", "context_1")}
     models.update({name: ModelSpec(name, params) for name, params in CRASHES.items()})
     models["orchestrator_nomig"] = ModelSpec("orchestrator", {"max_migrations": "0"})
+    models["orchestrator_bls"] = ModelSpec("orchestrator", {"next_reply_timeout_s": "1"})
     derive(repo, models)
-    config = write_model(repo, "ensemble_nomig", ModelSpec("ensemble")) / "config.pbtxt"
-    text = config.read_text()
-    assert text.count('model_name: "orchestrator"') == 1
-    config.write_text(text.replace('model_name: "orchestrator"', 'model_name: "orchestrator_nomig"'))
+    for ensemble, orchestrator in (("ensemble_nomig", "orchestrator_nomig"), ("ensemble_bls", "orchestrator_bls")):
+        config = write_model(repo, ensemble, ModelSpec("ensemble")) / "config.pbtxt"
+        text = config.read_text()
+        assert text.count('model_name: "orchestrator"') == 1
+        config.write_text(text.replace('model_name: "orchestrator"', f'model_name: "{orchestrator}"'))
     srv = TritonServer(model_repository=Path(repo))  # its ports are chosen now
     url = f"grpc://127.0.0.1:{srv.grpc_port}"
     pools = {
@@ -141,4 +144,18 @@ def test_max_migrations_zero_keeps_the_old_unavailable(server: TritonServer) -> 
     deltas, error = stream(server, PROMPTS["ascii"], ONE_MIGRATION, model="ensemble_nomig")
     assert "UNAVAILABLE" in error and error.endswith("crashed mid-stream (injected fault) (after tokens were streamed: not retried)")
     assert reference(PROMPTS["ascii"], ONE_MIGRATION).startswith("".join(deltas)) and deltas
+    assert wait_released(server.metrics_url, 10) == {}
+
+
+def test_over_bls_a_lost_mid_stream_error_still_migrates_and_stays_exact(server: TritonServer) -> None:
+    """Over BLS the engine's error never arrives: the silence past next_reply_timeout_s is the failure."""
+    before = samples(server.metrics_url)
+    deltas, error = stream(server, PROMPTS["ascii"], ONE_MIGRATION, model="ensemble_bls")
+    assert error == ""
+    assert "".join(deltas).encode() == reference(PROMPTS["ascii"], ONE_MIGRATION).encode()
+
+    def migrated(s: list) -> float:
+        return total(s, MIGRATIONS, outcome="ok") - total(before, MIGRATIONS, outcome="ok")
+
+    assert migrated(settled(server, lambda s: migrated(s) >= 1)) == 1
     assert wait_released(server.metrics_url, 10) == {}

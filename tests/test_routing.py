@@ -252,6 +252,7 @@ def test_endpoints_parse_local_and_remote() -> None:
         ({"context_engines": "c", "generation_engines": "g", "max_migrations": "once"}, "'max_migrations' must be a int, got 'once'"),
         ({"context_engines": "c", "generation_engines": "g", "load_metric": "gpu"}, "load_metric"),
         ({"context_engines": "c", "generation_engines": "g", "engine_timeout_s": "0"}, "engine_timeout_s"),
+        ({"context_engines": "c", "generation_engines": "g", "next_reply_timeout_s": "-1"}, "'next_reply_timeout_s' must be >= 0"),
         ({"context_engines": "c", "generation_engines": "g", "tokens_per_block": "0"}, "tokens_per_block"),
         ({"context_engines": "c", "generation_engines": "g", "log_routing": "maybe"}, "log_routing"),
         ({"pool_file": "missing.json"}, "pool_file .*missing.json: cannot read"),
@@ -266,6 +267,13 @@ def test_max_migrations_defaults_to_one_and_zero_turns_migration_off() -> None:
     assert OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g"}).max_migrations == 1
     config = OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g", "max_migrations": "0"})
     assert config.max_migrations == 0
+
+
+def test_the_wait_for_a_next_reply_is_the_shorter_bound_and_zero_means_engine_timeout() -> None:
+    base = {"context_engines": "c", "generation_engines": "g"}
+    assert OrchestratorConfig.from_parameters(base).next_reply_s == 10
+    assert OrchestratorConfig.from_parameters({**base, "engine_timeout_s": "4"}).next_reply_s == 4
+    assert OrchestratorConfig.from_parameters({**base, "next_reply_timeout_s": "0"}).next_reply_s == 60
 
 
 def test_config_reads_pools_from_a_pool_file(tmp_path: Path) -> None:
