@@ -12,24 +12,36 @@ import asyncio
 
 
 class StallTimer:
-    """arm() before an await, disarm() after it; `fired` says a CancelledError was ours."""
+    """arm() before an await, disarm() after it; `fired` says a CancelledError was ours.
 
-    __slots__ = ("timeout_s", "fired", "_task", "_handle")
+    `fire_now(reason)` ends the wait early (the engine is known to be gone), with `reason`.
+    """
+
+    __slots__ = ("timeout_s", "fired", "reason", "_task", "_handle")
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.fired = False
+        self.reason = ""
         self._task: asyncio.Task[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
 
     def arm(self) -> None:
         self._task = asyncio.current_task()
-        self._handle = asyncio.get_running_loop().call_later(self.timeout_s, self._fire)
+        delay = 0.0 if self.reason else self.timeout_s  # fire_now came between two waits
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def disarm(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def fire_now(self, reason: str) -> None:
+        """Fire at once if armed (a wait in progress), else at the next arm(); `reason` says why."""
+        self.reason = reason
+        if self._handle is not None:
+            self._handle.cancel()
+            self._fire()
 
     def _fire(self) -> None:
         self._handle = None

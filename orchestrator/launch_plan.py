@@ -28,9 +28,11 @@ def _rank_command(repo: str, rank: int, engines: list[str], ports: str) -> str:
 def launch_script(d: Deployment, server_name: str, repo: str = '"$repo"', project: str | None = None) -> str:
     """A bash script that starts `server_name` on the repository `repo` (a shell word).
 
-    Without real engines it runs `tritonserver` from PATH (a Triton container) or, when
-    there is none and `project` (this project's root) is given, the project's
-    `scripts/serve`, which finds Triton in the nvidia-pytriton wheel.
+    Without real engines, when `project` (this project's root) is given, it runs the
+    project's launcher (`scripts/launch.py`: tritonserver under explicit model control plus
+    the supervisor that reloads a model whose python stub died) with `tritonserver` from
+    PATH (a Triton container, `$TRITONSERVER` if set), or else `scripts/serve`, which finds
+    Triton in the nvidia-pytriton wheel; without `project`, plain `tritonserver`.
     """
     server = d.server(server_name)
     ports = f"--http-port={server.http_port} --grpc-port={server.grpc_port} --metrics-port={server.metrics_port}"
@@ -44,11 +46,15 @@ def launch_script(d: Deployment, server_name: str, repo: str = '"$repo"', projec
     world = mpi_world_size(d, server_name)
     if not world:
         lines = [*head]
-        if project is not None:
+        if project is not None:  # through the project's launcher: its supervisor reloads dead stubs
             serve = shlex.quote(f"{project}/scripts/serve")
+            launch = shlex.quote(f"{project}/scripts/launch.py")
+            flags = f'--model-repository {repo} {ports.replace("=", " ")} -- "$@"'
             lines += [
-                f'if ! command -v "${{TRITONSERVER:-tritonserver}}" >/dev/null && [ -x {serve} ]; then',
-                f'  exec {serve} --model-repository {repo} {ports.replace("=", " ")} "$@"',
+                'if command -v "${TRITONSERVER:-tritonserver}" >/dev/null && command -v python3 >/dev/null; then',
+                f"  exec python3 {launch} {flags}",
+                f"elif [ -x {serve} ]; then",
+                f"  exec {serve} {flags}",
                 "fi",
             ]
         return "\n".join([*lines, f'exec "${{TRITONSERVER:-tritonserver}}" --model-repository={repo} {ports} "$@"', ""])

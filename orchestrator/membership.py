@@ -8,7 +8,12 @@ backend's event loop exists from then on):
   edit never empties a pool;
 - every `health_check_s`, ask each engine whether it is ready (BLS: `pb_utils.is_model_ready`,
   remote: gRPC `ModelReady`); a not-ready engine (unloaded, still loading, server down) is
-  skipped until it answers ready again.
+  skipped until it answers ready again; one that comes back ready is re-admitted at once
+  (its circuit breaker closes: a reloaded engine is a new engine);
+- with the same period, if `stub_deaths` is given (local engines: `orchestrator.supervisor`
+  watching this server's python stubs), an engine whose stub process died has lost every
+  request it held: `on_lost` fails the attempts waiting on it at once, rather than after
+  `engine_timeout_s` (Triton 2.51 never ends a dead stub's requests).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from orchestrator.config import OrchestratorConfig, Pools
 from orchestrator.engine_client import EngineClient
@@ -33,8 +38,11 @@ class Membership:
         client: EngineClient,
         config: OrchestratorConfig,
         log: Callable[[str], None] = lambda message: None,
+        stub_deaths: Callable[[], Iterable[str]] | None = None,
+        on_lost: Callable[[str, str], object] = lambda engine, why: None,
     ) -> None:
         self.router, self.client, self.config, self.log = router, client, config, log
+        self.stub_deaths, self.on_lost = stub_deaths, on_lost
         self.pool_file = Path(config.pool_file) if config.pool_file else None
         self._stamp = self._file_stamp()
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +112,15 @@ class Membership:
     async def probe(self) -> None:
         """Ask every member whether it is ready, concurrently, each bounded by PROBE_TIMEOUT_S."""
         states = self.router.engines()
+        if self.stub_deaths is not None:
+            try:  # reads /proc: off the loop, which serves every request
+                dead = set(await asyncio.to_thread(lambda: list(self.stub_deaths())))  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - a broken watch must not stop the probes
+                self.log(f"stub watch failed: {exc}")
+                dead = set()
+            for state in states:
+                if state.name in dead:
+                    self.on_lost(state.name, "its python stub process died")
 
         async def ask(name: str) -> bool:
             try:

@@ -47,7 +47,7 @@ import uuid
 from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
@@ -135,6 +135,7 @@ class Orchestrator:
         router: Router | None = None,
         log: Callable[[str], None] = lambda message: None,
         telemetry: Telemetry | None = None,
+        stub_deaths: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -144,7 +145,8 @@ class Orchestrator:
         self.router.listeners.append(
             lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt)
         )
-        self.membership = Membership(self.router, client, config, log)
+        self.membership = Membership(self.router, client, config, log, stub_deaths=stub_deaths, on_lost=self.engine_lost)
+        self._waiting: dict[str, set[StallTimer]] = {}  # engine -> the reply waits on it now
         self.in_flight: dict[str, _InFlight] = {}
         self.child_stops = ChildStops(client, config.stop_timeout_s, log)
         self._watcher: asyncio.Task[None] | None = None  # polls clients' cancellation
@@ -158,6 +160,17 @@ class Orchestrator:
             "child_requests": sum(len(e.progress.children) + len(e.progress.leases) for e in self.in_flight.values()),
             "stops_pending": len(self.child_stops.pending),
         }
+
+    def engine_lost(self, engine: str, why: str) -> int:
+        """`engine` lost every request it held (its stub process died): fail each attempt
+        waiting on it now, as a failed attempt (retried elsewhere while no generated token was
+        streamed, else UNAVAILABLE), instead of after engine_timeout_s. Returns how many."""
+        timers = list(self._waiting.get(engine, ()))
+        for timer in timers:
+            timer.fire_now(why)
+        if timers:
+            self.log(f"engine {engine} lost its requests ({why}): {len(timers)} attempt(s) failed over")
+        return len(timers)
 
     async def stops_answered(self) -> None:
         """Wait until every stop request sent so far has been answered (or timed out)."""
@@ -615,6 +628,8 @@ class Orchestrator:
         stream = self.client.stream(engine, tensors, params, child_id)
         timer = StallTimer(self.config.engine_timeout_s)
         p.children[child_id] = engine
+        waiting = self._waiting.setdefault(engine, set())
+        waiting.add(timer)
         ended = False  # the engine ended the child itself (final reply or error)
         try:
             while True:
@@ -628,7 +643,8 @@ class Orchestrator:
                     if not timer.fired:
                         raise
                     timer.absorb()
-                    error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': no reply in {timer.timeout_s:g}s")
+                    why = timer.reason or f"timed out on engine '{engine}': no reply in {timer.timeout_s:g}s"
+                    error = EngineUnavailable(f"{phase} phase {why}" if not timer.reason else f"{phase} phase failed on engine '{engine}': {why}")
                     raise _PhaseFailed(error, engine_fault=True) from None
                 finally:
                     timer.disarm()
@@ -636,6 +652,9 @@ class Orchestrator:
                 ended = reply.error is not None  # an error is always an engine's last word
                 yield reply
         finally:
+            waiting.discard(timer)
+            if not waiting:
+                self._waiting.pop(engine, None)
             p.children.pop(child_id, None)
             if not ended:
                 self.child_stops.send(engine, child_id)

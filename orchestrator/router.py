@@ -192,4 +192,6 @@ class Router:
             if state is not None:
                 if state.ready and not ready:
                     state.index.clear()
+                elif ready and not state.ready:
+                    state.breaker.success()  # back (reloaded): re-admitted without a backoff
                 state.ready = ready

@@ -14,7 +14,11 @@ Python version), and it only runs when three things line up:
 Inside a Triton container `tritonserver` is on PATH with its own backends, and we use it
 as it is.
 
-    python scripts/launch.py [--model-repository DIR] [--http-port N] [--grpc-port N]
+    python scripts/launch.py [--model-repository DIR] [--http-port N] [--grpc-port N] [-- FLAGS]
+
+As a command it also supervises the server: tritonserver runs under explicit model
+control (`--load-model=*`, the whole repository) and a model whose python stub process
+dies is unloaded and loaded again (`orchestrator.supervisor`; `--no-supervisor` turns it off).
 """
 
 from __future__ import annotations
@@ -91,8 +95,8 @@ def _prepare_wheel_backends(wheel: Path, cache: Path) -> Path:
 
 
 def find_installation(backend_cache: Path = BACKEND_CACHE) -> Installation:
-    """Prefer a tritonserver on PATH (a Triton container), else the nvidia-pytriton wheel."""
-    on_path = shutil.which("tritonserver")
+    """Prefer `$TRITONSERVER` or a tritonserver on PATH (a Triton container), else the nvidia-pytriton wheel."""
+    on_path = shutil.which(os.environ.get("TRITONSERVER") or "tritonserver")
     if on_path:
         return Installation(binary=Path(on_path), backend_directory=None)
     wheel = _wheel_root()
@@ -260,26 +264,76 @@ class TritonServer:
         self.stop()
 
 
+def model_control_args(extra: Sequence[str]) -> list[str]:
+    """Explicit model control that loads the whole repository, unless the flags choose a mode:
+    the supervisor brings a model back through the repository API, which needs it."""
+    if any(arg.startswith("--model-control-mode") for arg in extra):
+        return []
+    return ["--model-control-mode=explicit", "--load-model=*"]
+
+
+def run_supervised(command: list[str], env: dict[str, str], http_url: str, tick_s: float = 0.25) -> int:
+    """Run tritonserver as a child and bring back any model whose python stub dies, until it exits.
+
+    SIGINT/SIGTERM to this process go on to the server (its graceful shutdown); the exit code
+    is the server's. The logic is `orchestrator.supervisor`; this is only its loop.
+    """
+    sys.path.insert(0, str(REPO_ROOT))
+    from orchestrator.supervisor import supervise  # noqa: PLC0415 - the project, importable from here
+
+    proc = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+
+    def log(message: str) -> None:
+        print(f"supervisor: {message}", file=sys.stderr, flush=True)
+
+    try:
+        for _ in supervise(proc.pid, http_url, lambda: proc.poll() is None, log, tick_s):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+    return code if code >= 0 else 128 - code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
+    parser.add_argument(
+        "--no-supervisor", action="store_true",
+        help="run tritonserver alone: a dead python stub then stays dead (see README)",
+    )  # fmt: skip
     parser.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
+    extra = [*model_control_args(args.extra), *args.extra]
     server = TritonServer(
         model_repository=args.model_repository.resolve(),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        extra_args=args.extra,
+        extra_args=extra,
     )
     install = find_installation()
-    print(f"starting {install.binary} on http {server.http_url}, grpc {server.grpc_url}", flush=True)
-    # Foreground: the server's log goes to the terminal, Ctrl-C stops it.
-    os.execve(str(install.binary), server.command(install), server_environment(install))
-    return 0  # not reached
+    supervised = not args.no_supervisor
+    print(
+        f"starting {install.binary} on http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}"
+        + (" (supervised: dead python stubs are reloaded)" if supervised else ""),
+        flush=True,
+    )
+    if not supervised:  # foreground: the server's log goes to the terminal, Ctrl-C stops it
+        os.execve(str(install.binary), server.command(install), server_environment(install))
+    return run_supervised(server.command(install), server_environment(install), server.http_url)
 
 
 if __name__ == "__main__":

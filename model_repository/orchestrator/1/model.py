@@ -26,6 +26,7 @@ from orchestrator.metric_registry import TritonRegistry  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 from orchestrator.stub_fence import StubFence  # noqa: E402
+from orchestrator.supervisor import sibling_stub_deaths  # noqa: E402
 
 ENGINE_OUTPUTS = (
     "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
@@ -44,7 +45,9 @@ class TritonPythonModel:
         self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS, self.fence))
         request_log = RateLimitedLog(log, config.log_requests_per_s) if config.log_requests else None
         self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
-        self.orchestrator = Orchestrator(config, self.client, log=log, telemetry=self.telemetry)
+        self.orchestrator = Orchestrator(
+            config, self.client, log=log, telemetry=self.telemetry, stub_deaths=sibling_stub_deaths()
+        )  # engines whose stub died fail over at once
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
         self.gauges = StateGauges(
