@@ -30,6 +30,17 @@ engine, skipping the context hop, when
 - `context_queue_threshold`: every eligible context engine already has at least this
   many context phases in flight.
 
+Transport (`orchestrator.dispatch`):
+- `streams_over` (grpc): how child requests that answer with many responses (streaming
+  generation) reach engines of this server: `grpc` over this server's own gRPC endpoint
+  on loopback, `bls` by BLS. Triton's python backend can deadlock the orchestrator's
+  stub when such streams travel over BLS (README: "The BLS stub crash"); context phases,
+  non-streaming requests and stops use BLS either way.
+- `self_grpc_address` (""): this server's gRPC `HOST:PORT` for `streams_over: grpc`;
+  "" reads it from the server's command line (`orchestrator.self_endpoint`).
+- `stuck_exit_s` (30): a model event loop that has not run for this long ends its stub
+  process (exit status 1), which the supervisor restarts (`orchestrator.watchdog`); 0: never.
+
 Failures (`orchestrator.health`):
 - `max_retries` (2): further engines tried per phase after a failure.
 - `max_migrations` (1): how often a streaming request whose generation engine failed after
@@ -144,6 +155,9 @@ class OrchestratorConfig:
     log_requests_per_s: float = 10.0
     local_prefill_max_tokens: int = 0
     context_queue_threshold: int = 0
+    streams_over: str = "grpc"
+    self_grpc_address: str = ""
+    stuck_exit_s: float = 30.0
     max_retries: int = 2
     max_migrations: int = 1
     engine_timeout_s: float = 60.0
@@ -175,6 +189,8 @@ class OrchestratorConfig:
         for key in ("engine_timeout_s", "breaker_backoff_s", "pool_poll_s", "stop_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"orchestrator parameter '{key}' must be > 0, got {getattr(self, key)}")
+        if self.streams_over not in ("grpc", "bls"):
+            raise ValueError(f"orchestrator parameter 'streams_over' must be 'grpc' or 'bls', got {self.streams_over!r}")
         if self.breaker_backoff_max_s < self.breaker_backoff_s:
             raise ValueError("orchestrator parameter 'breaker_backoff_max_s' must be >= breaker_backoff_s")
         try:

@@ -18,15 +18,17 @@ from orchestrator import triton_io as io  # noqa: E402
 from orchestrator.bls import BlsEngineClient  # noqa: E402
 from orchestrator.config import OrchestratorConfig  # noqa: E402
 from orchestrator.contract import PERF_OUTPUTS, is_stop_request, parse_request  # noqa: E402
-from orchestrator.dispatch import EndpointClient  # noqa: E402
+from orchestrator.dispatch import EndpointClient, grpc_client  # noqa: E402
 from orchestrator.errors import as_request_error  # noqa: E402
 from orchestrator.gauges import StateGauges  # noqa: E402
 from orchestrator.loop_thread import LoopThread  # noqa: E402
 from orchestrator.metric_registry import TritonRegistry  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
+from orchestrator.self_endpoint import loopback_address  # noqa: E402
 from orchestrator.stub_fence import StubFence  # noqa: E402
 from orchestrator.supervisor import sibling_stub_deaths  # noqa: E402
+from orchestrator.watchdog import StuckExit  # noqa: E402
 
 ENGINE_OUTPUTS = (
     "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
@@ -42,7 +44,11 @@ class TritonPythonModel:
         config = OrchestratorConfig.from_parameters(io.model_parameters(args), model_dir)
         log = pb_utils.Logger.log_info
         self.fence = StubFence()  # finished BLS iterators wait here for the stub (stub_fence.py)
-        self.client = EndpointClient(BlsEngineClient(pb_utils, ENGINE_OUTPUTS, self.fence))
+        self.client = EndpointClient(
+            BlsEngineClient(pb_utils, ENGINE_OUTPUTS, self.fence),
+            remote_factory=lambda: grpc_client(ENGINE_OUTPUTS),
+            loopback=loopback_address(config.streams_over, config.self_grpc_address),
+        )
         request_log = RateLimitedLog(log, config.log_requests_per_s) if config.log_requests else None
         self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
         self.orchestrator = Orchestrator(
@@ -55,6 +61,9 @@ class TritonPythonModel:
         )
         self.loop = LoopThread("orchestrator-loop")
         self.loop.call(self.gauges.ensure_started)
+        self.watchdog = StuckExit(config.stuck_exit_s) if config.stuck_exit_s > 0 else None
+        if self.watchdog is not None:
+            self.loop.call(self.watchdog.start)
 
     def execute(self, requests):
         self.loop.call(self._serve, requests)
@@ -83,5 +92,7 @@ class TritonPythonModel:
             self.loop.stop()
 
     async def _close(self):
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.gauges.stop()
         await self.orchestrator.close()
