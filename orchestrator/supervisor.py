@@ -47,6 +47,19 @@ class Stub:
 
 
 @dataclass(frozen=True, slots=True)
+class RestartServer:
+    """A model whose stub strands its callers' requests died: only a new server ends them.
+
+    Triton 2.51 never answers the requests that were inside a dead decoupled stub; for an
+    engine the orchestrator fails them over, but the orchestrator's own requests come from
+    clients, who would wait forever. A restarted server drops their connections (a clear
+    error) and refuses new ones until it is ready (retryable)."""
+
+    models: tuple[str, ...]
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Recovery:
     """One model brought back: when its stub was seen dead, unloaded, loaded (monotonic s)."""
 
@@ -124,7 +137,7 @@ class StubWatch:
     """
 
     server_pid: int
-    rescan_s: float = 1.0
+    rescan_s: float = 0.25  # a scan is ~2 ms; a stub must be seen alive once (a zombie's command line is empty)
     grace_s: float = 0.1
     proc: Path = PROC
     clock: Callable[[], float] = time.monotonic
@@ -209,7 +222,8 @@ class RepositoryApi:
 
 
 class Supervisor:
-    """Unload, then load, every model whose stub died; retry a failed load until `load_deadline_s`."""
+    """Unload, then load, every model whose stub died; retry a failed load until `load_deadline_s`.
+    A death among `restart_models` asks for a new server instead (`RestartServer`)."""
 
     def __init__(
         self,
@@ -219,12 +233,14 @@ class Supervisor:
         load_deadline_s: float = 120.0,
         load_retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        restart_models: frozenset[str] = frozenset(),
     ) -> None:
         self.watch, self.repository, self.log = watch, repository, log
         self.load_deadline_s, self.load_retry_s, self.clock = load_deadline_s, load_retry_s, clock
+        self.restart_models = restart_models
         self.recoveries: list[Recovery] = []
 
-    def step(self, wait_s: float) -> list[Recovery]:
+    def step(self, wait_s: float) -> list[Recovery | RestartServer]:
         """Wait up to `wait_s` for deaths; recover the models they hit (each model once)."""
         dead = self.watch.deaths(wait_s)
         if not dead:
@@ -233,7 +249,12 @@ class Supervisor:
         by_model: dict[str, list[int]] = {}
         for stub in dead:
             by_model.setdefault(stub.model, []).append(stub.pid)
-        return self.recover(by_model, seen)
+        stranding = sorted(m for m in by_model if m in self.restart_models)
+        if stranding:
+            pids = tuple(pid for m in stranding for pid in by_model[m])
+            self.log(f"stub(s) {pids} of {stranding} died: their clients' requests are stranded; restarting the server")
+            return [RestartServer(tuple(stranding), pids)]
+        return list(self.recover(by_model, seen))
 
     def recover(self, by_model: dict[str, list[int]], seen: float) -> list[Recovery]:
         try:
@@ -284,15 +305,39 @@ def supervise(
     running: Callable[[], bool],
     log: Callable[[str], None],
     tick_s: float = 0.25,
-) -> Iterable[Recovery]:
-    """The launcher's loop: watch `server_pid`'s stubs while `running()`; yields each recovery."""
+    restart_models: frozenset[str] = frozenset(),
+) -> Iterable[Recovery | RestartServer]:
+    """The launcher's loop: watch `server_pid`'s stubs while `running()`; yields each recovery,
+    and ends after yielding a `RestartServer` (the caller replaces the server)."""
     watch = StubWatch(server_pid)
-    supervisor = Supervisor(watch, RepositoryApi(http_url), log)
+    supervisor = Supervisor(watch, RepositoryApi(http_url), log, restart_models=restart_models)
     try:
         while running():
-            yield from supervisor.step(tick_s)
+            for event in supervisor.step(tick_s):
+                yield event
+                if isinstance(event, RestartServer):
+                    return
     finally:
         watch.close()
+
+
+def shm_regions(server_pid: int, proc: Path = PROC) -> list[str]:
+    """The python backend's shared-memory regions of `server_pid`'s stubs (an argument of each
+    stub's command line): a server that is killed leaves them in /dev/shm."""
+    regions = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name), proc)
+        if stat is None or stat[1] != server_pid:
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if _model_of(b"\0".join(args)) is not None:
+            regions += [a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region")]
+    return regions
 
 
 def sibling_stub_deaths(server_pid: int | None = None) -> Callable[[], list[str]]:

@@ -272,36 +272,61 @@ def model_control_args(extra: Sequence[str]) -> list[str]:
     return ["--model-control-mode=explicit", "--load-model=*"]
 
 
-def run_supervised(command: list[str], env: dict[str, str], http_url: str, tick_s: float = 0.25) -> int:
+def run_supervised(
+    command: list[str], env: dict[str, str], http_url: str, tick_s: float = 0.25,
+    restart_models: frozenset[str] = frozenset({"orchestrator"}),
+) -> int:  # fmt: skip
     """Run tritonserver as a child and bring back any model whose python stub dies, until it exits.
 
+    A dead stub of `restart_models` strands its clients' requests (Triton 2.51 never ends
+    them), so then the whole server is replaced: SIGKILL (a graceful shutdown would wait
+    its exit timeout for the stranded requests), its stubs' shared memory removed (the
+    stubs end themselves when their server is gone), the same command started again.
     SIGINT/SIGTERM to this process go on to the server (its graceful shutdown); the exit code
     is the server's. The logic is `orchestrator.supervisor`; this is only its loop.
     """
     sys.path.insert(0, str(REPO_ROOT))
-    from orchestrator.supervisor import supervise  # noqa: PLC0415 - the project, importable from here
+    from orchestrator.supervisor import RestartServer, shm_regions, supervise  # noqa: PLC0415 - the project
 
-    proc = subprocess.Popen(command, env=env)
+    current: list[subprocess.Popen[bytes]] = []
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
+            current[-1].send_signal(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
 
     def log(message: str) -> None:
-        print(f"supervisor: {message}", file=sys.stderr, flush=True)
+        print(f"supervisor {time.strftime('%H:%M:%S')}: {message}", file=sys.stderr, flush=True)
 
-    try:
-        for _ in supervise(proc.pid, http_url, lambda: proc.poll() is None, log, tick_s):
-            pass
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        code = proc.wait()
-    return code if code >= 0 else 128 - code
+    while True:
+        proc = subprocess.Popen(command, env=env)
+        current.append(proc)
+        restart = False
+        try:
+            for event in supervise(proc.pid, http_url, lambda: proc.poll() is None and not stopping, log, tick_s,
+                                   restart_models):  # fmt: skip
+                restart = isinstance(event, RestartServer)
+        finally:
+            if not restart:
+                with contextlib.suppress(ProcessLookupError):
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+        if not restart or stopping:
+            code = proc.wait()
+            return code if code >= 0 else 128 - code
+        started = time.monotonic()
+        regions = shm_regions(proc.pid)
+        proc.kill()
+        proc.wait()
+        for region in regions:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{region}")
+        log(f"server stopped in {time.monotonic() - started:.1f}s; starting it again")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-supervisor", action="store_true",
         help="run tritonserver alone: a dead python stub then stays dead (see README)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart-server-on", default="orchestrator", metavar="MODEL,...",
+        help="models whose dead stub restarts the whole server (Triton strands their clients' requests)",
     )  # fmt: skip
     parser.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
@@ -333,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not supervised:  # foreground: the server's log goes to the terminal, Ctrl-C stops it
         os.execve(str(install.binary), server.command(install), server_environment(install))
-    return run_supervised(server.command(install), server_environment(install), server.http_url)
+    restart = frozenset(m for m in args.restart_server_on.split(",") if m)
+    return run_supervised(server.command(install), server_environment(install), server.http_url, restart_models=restart)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ supervisor. Under a light streaming load through the ensemble over HTTP, a stub 
 SIGKILLed; then: readiness goes false and true again, requests succeed again within 30 s,
 and nothing a client sees after the death is a 400 ("you were wrong"). Triton 2.51 itself
 answers 404 `has no available versions` while the model loads again (the window the README
-measures), and strands the requests that were inside the orchestrator's stub when it died:
-only those may end in the client's own timeout.
+measures). The orchestrator's stub is different: Triton strands the requests that were
+inside it, so the supervisor restarts the whole server, and those clients see their
+connection close; nothing may end in a client's own timeout.
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ class Load:
                                 result.text += event.get("text_output", "")
         except requests.exceptions.ReadTimeout:
             result.timed_out = True
-        except requests.exceptions.ConnectionError as exc:
-            result.error = f"connection: {exc}"
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            result.error = f"connection: {exc}"  # refused while restarting, or closed mid-stream
         result.ended = time.monotonic()
         return result
 
@@ -182,12 +183,14 @@ def _acceptable_after_death(r: Result) -> bool:
     """What a client may see once a stub died: tokens, a retryable error, or Triton's own
     404 while the model loads again; never a 400-class error that blames the client."""
     if r.timed_out:
-        return True  # judged separately: only requests stranded inside the dead stub
+        return True  # judged separately
+    if r.error.startswith("connection:"):
+        return True  # refused while the server restarts, or closed mid-stream by the restart
     if r.status == 200:
         return bool(r.text) and not r.error or "UNAVAILABLE" in r.error
     if r.status == 404:
         return "has no available versions" in r.error
-    return r.status == 503 or r.error.startswith("connection:")
+    return r.status == 503
 
 
 def _kill_and_recover(server: Launched, model: str, load: Load) -> tuple[float, list[tuple[float, bool]]]:
@@ -248,14 +251,10 @@ def test_a_killed_engine_stub_heals_and_rejoins_its_pool(launched: Launched) -> 
         assert result.text and not result.error, result
 
 
-@pytest.mark.xfail(
-    reason="open defect (README, 'When a python stub dies'): after the orchestrator's stub dies with "
-    "streams in flight, the reloaded orchestrator is READY but requests hang: the engines that "
-    "were streaming to the dead stub stop answering (Triton 2.51 blocks their sends); a server "
-    "restart is needed",
-    strict=False,
-)
-def test_a_killed_orchestrator_stub_heals(launched: Launched) -> None:
+def test_a_killed_orchestrator_stub_restarts_the_server_and_strands_nothing(launched: Launched) -> None:
+    """Triton 2.51 never ends the requests inside a dead orchestrator stub: the supervisor
+    replaces the whole server, so those clients get a closed connection, not a hang."""
+    first_server = launched.server_pid
     with Load(launched) as load:
         killed_at, transitions = _kill_and_recover(launched, "orchestrator", load)
         assert [ok for _, ok in transitions[:3]] == [True, False, True], transitions
@@ -263,12 +262,9 @@ def test_a_killed_orchestrator_stub_heals(launched: Launched) -> None:
         assert back - killed_at < RECOVERY_S
         assert load.succeeded_after(back)
     _report("orchestrator", killed_at, transitions, load)
-    first_ok = min(r.ended for r in load.results if r.started > killed_at and r.text and not r.error)
-    assert first_ok - killed_at < RECOVERY_S
+    assert launched.server_pid != first_server
     after = [r for r in load.results if r.ended > killed_at]
     bad = [r for r in after if not _acceptable_after_death(r)]
     assert not bad, bad
-    # Triton 2.51 strands what was inside the dead stub (README): nothing else may hang.
-    stranded = [r for r in load.results if r.timed_out]
-    assert all(r.started < killed_at for r in stranded), stranded
-    assert "model 'orchestrator' stub [" in launched.log.read_text(errors="replace")
+    assert not [r for r in load.results if r.timed_out], "a request was stranded in the dead stub"
+    assert "restarting the server" in launched.log.read_text(errors="replace")

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.supervisor import RepositoryApi, StubWatch, Supervisor, find_stubs, sibling_stub_deaths
+from orchestrator.supervisor import RepositoryApi, RestartServer, StubWatch, Supervisor, find_stubs, sibling_stub_deaths
 
 # Starts one sleeping child per model named on stdin ("start m"), prints its pid; "reap PID"
 # stops and reaps one (what Triton does on unload); "exit" ends it.
@@ -187,4 +187,20 @@ def test_a_dead_model_is_unloaded_then_loaded(server: FakeServer, repository: ty
         "/v2/repository/models/orchestrator/load",
     ]
     assert any("context_0" in m and "left alone" in m for m in messages), messages
+    watch.close()
+
+
+def test_a_dead_stub_that_strands_clients_asks_for_a_new_server(server: FakeServer, repository: type[_Repository]) -> None:
+    """The orchestrator's requests come from clients, and Triton never ends them: no reload
+    can help them, so the supervisor asks for a new server and touches nothing itself."""
+    repository.states.update({"orchestrator": "READY", "generation_0": "READY"})
+    victim = server.start("orchestrator")
+    server.start("generation_0")
+    watch = StubWatch(server.proc.pid, rescan_s=3600)
+    watch.rescan()
+    supervisor = Supervisor(watch, RepositoryApi(repository.url), restart_models=frozenset({"orchestrator"}))  # type: ignore[attr-defined]
+    os.kill(victim, signal.SIGKILL)
+    events = _until(lambda: supervisor.step(0.5), "the death is handled")
+    assert events == [RestartServer(("orchestrator",), (victim,))]
+    assert repository.calls == []
     watch.close()

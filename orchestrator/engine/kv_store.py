@@ -3,18 +3,45 @@
 With `shared=True` the array lives in a POSIX shared-memory segment (the stand-in for
 GPU memory exported over CUDA IPC / NVLink), so a generation engine on the same host can
 copy a context engine's blocks without a socket carrying the bytes. The creator unlinks
-the segment on `close()`; readers attach by name (`attach`).
+the segment on `close()`; readers attach by name (`attach`). A process that dies without
+closing (a killed stub or server) leaves its segment behind: segment names carry the
+creator's pid, and each new store first removes the segments of creators that are gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+from pathlib import Path
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
 from orchestrator.engine.kv_layout import DTYPE, Geometry, Layout
+
+
+SHM_DIR = Path("/dev/shm")
+_NAME = re.compile(r"^dkv_.*_(\d+)_[0-9a-f]{8}$")
+
+
+def remove_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the KV segments whose creating process no longer exists; returns their names."""
+    removed = []
+    try:
+        names = [p.name for p in shm_dir.iterdir()]
+    except OSError:
+        return removed
+    for name in names:
+        match = _NAME.match(name)
+        if match is None or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        try:
+            (shm_dir / name).unlink()
+            removed.append(name)
+        except OSError:
+            pass  # another engine removed it first, or not ours to remove
+    return removed
 
 
 class KVStore:
@@ -26,6 +53,7 @@ class KVStore:
         shape = layout.shape(geometry, num_blocks)
         self._shm: shared_memory.SharedMemory | None = None
         if shared:
+            remove_orphans()
             nbytes = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
             safe = "".join(c if c.isalnum() else "_" for c in label)[:40]
             self._shm = shared_memory.SharedMemory(create=True, size=nbytes, name=f"dkv_{safe}_{os.getpid()}_{secrets.token_hex(4)}")
