@@ -66,6 +66,7 @@ from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
 from scripts.metrics import gauges as metric_gauges  # noqa: E402
 from scripts.metrics import samples as metric_samples  # noqa: E402
 from scripts.repository import ModelSpec, derive, set_parameters  # noqa: E402
+from scripts.stacks import dump_threads, process_tree  # noqa: E402
 
 MODEL = "ensemble"
 FRONTEND_MODELS = ("ensemble", "preprocessing", "orchestrator", "postprocessing")
@@ -484,43 +485,6 @@ def run_load(
 # --------------------------------------------------------------------------- server state
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "X"
-
-
-def process_tree(pid: int) -> dict[int, str]:
-    """`pid` and its live descendants (the python backend stubs) from /proc: pid -> a short
-    name (a stub is named by its model folder: .../orchestrator/1/model.py -> orchestrator).
-    A dead child the server has not reaped yet (a zombie) is not live."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree: dict[int, str] = {}
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, ()))
-        if _state(p) in ("Z", "X"):
-            continue
-        try:
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        model = next((Path(a.decode()).parent.parent.name for a in argv if a.endswith(b"/model.py")), "")
-        tree[p] = model or Path(argv[0].decode()).name
-    return tree
-
-
 def process_rss_mib(pid: int) -> dict[str, float]:
     """VmRSS of `pid` and each descendant by name (same names summed): what the server
     holds, stubs included; the sum is the soak's memory figure, the parts say who grew."""
@@ -810,6 +774,8 @@ def run_soak(
     leak_deadline_s: float = 30.0,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     engines_over: str = "bls",
+    dump_dir: Path | None = None,
+    streams_over: str = "",
 ) -> SoakReport:
     """Start a server (unless `url`), run the warm-up, check it drained, measure memory, run
     the rest, check everything again; never raises for a failed check (see `failures`).
@@ -817,7 +783,11 @@ def run_soak(
     `metrics` (HOST:PORT) and `server_pid` only matter with `url`: the checks that need
     them are skipped when they are not given. `engines_over="grpc"` has the orchestrator
     reach the engines of its own server as `grpc://127.0.0.1:<port>/...` instead of by BLS
-    (the path on which Triton 2.51's python backend stub crashes under this load)."""
+    (no python-backend BLS response iterators at all); `streams_over` sets the orchestrator
+    parameter of that name in the derived repository ("" keeps its default, grpc; "bls"
+    sends streaming generations over BLS, where Triton's python backend can deadlock the
+    orchestrator's stub: README "The BLS stub crash"). With `dump_dir`, a run whose
+    requests hung saves every thread's native stack of the server and its stubs there."""
     if engines_over not in ("bls", "grpc"):
         raise ValueError(f"engines_over must be 'bls' or 'grpc', got {engines_over!r}")
     with contextlib.ExitStack() as stack:
@@ -836,6 +806,9 @@ def run_soak(
             server = TritonServer(model_repository=repository)  # its ports are chosen now
             if engines_over == "grpc":
                 _pools_over_grpc(repository, server.grpc_port)
+            if streams_over:
+                config = repository / "orchestrator" / "config.pbtxt"
+                config.write_text(set_parameters(config.read_text(), {"streams_over": streams_over}))
             server = stack.enter_context(server)
             assert server.process is not None
             url, server_pid, metrics = server.grpc_url, server.process.pid, f"127.0.0.1:{server.metrics_port}"
@@ -844,7 +817,7 @@ def run_soak(
             check_loopback(address)
         return _soak(
             url, metrics, server_pid, server, engines, requests, concurrency, time_limit_s, cancel_rate, seed,
-            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log, migrating,
+            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log, migrating, dump_dir,
         )  # fmt: skip
 
 
@@ -852,7 +825,7 @@ def _soak(
     url: str, metrics: str | None, server_pid: int | None, server: TritonServer | None, engines: Sequence[str],
     requests: int, concurrency: int, time_limit_s: float, cancel_rate: float, seed: int, max_rss_growth_mib: float,
     warmup: int | None, request_timeout_s: float, leak_deadline_s: float, log: Callable[[str], None],
-    migrating: bool = False,
+    migrating: bool = False, dump_dir: Path | None = None,
 ) -> SoakReport:  # fmt: skip
     plans = make_plans(requests, seed, cancel_rate)
     warm_n = min(len(plans), warmup if warmup is not None else max(200, len(plans) // 20))
@@ -893,6 +866,9 @@ def _soak(
     outcomes += more
     problems += more_problems
     duration = time.monotonic() - start
+    if dump_dir is not None and server_pid and any(o.kind == "hung" for o in outcomes):
+        dump_threads(server_pid, dump_dir)
+        log(f"stacks of the server's processes: {dump_dir}")
     check_drained("end")
     died = watch.close()
     rss_end_parts = process_rss_mib(server_pid) if server_pid and not abort.is_set() else {}
@@ -964,6 +940,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="with --url: HOST:PORT of its metrics endpoint, for the leak check")
     parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for the memory check")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--streams-over", choices=("grpc", "bls"), default="",
+                        help="the orchestrator's streams_over (default: its own, grpc); bls reproduces the BLS deadlock")
+    parser.add_argument("--dump-dir", type=Path, help="when requests hang: gdb stacks of the server and its stubs here")
     parser.add_argument("--engines-over", choices=("bls", "grpc"), default="bls",
                         help="how the orchestrator reaches the engines (grpc: loopback, avoids the BLS stub crash)")
     args = parser.parse_args(argv)
@@ -977,6 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repository=args.repository.resolve() if args.repository else None, faults=args.fault,
             url=args.url, metrics=args.metrics, server_pid=args.server_pid,
             warmup=args.warmup, request_timeout_s=args.request_timeout, engines_over=args.engines_over,
+            dump_dir=args.dump_dir, streams_over=args.streams_over,
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))

@@ -30,7 +30,6 @@ import json
 import queue
 import random
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from orchestrator.workload import words_prompt  # noqa: E402
 from scripts.client import ensemble_inputs  # noqa: E402
 from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
-from scripts.soak import process_tree  # noqa: E402
+from scripts.stacks import dump_threads  # noqa: E402
 
 # What a dying stub or server leaves in the log: glibc's heap checks, CPython, a C++ abort (a
 # stub's corruption can reach the server through shared memory), a signal other than the
@@ -131,16 +130,6 @@ def run_round(
         if dump_dir is not None and result.verdict != "ok" and server.process is not None:
             dump_threads(server.process.pid, dump_dir / f"round-{seed}")
     return result
-
-
-def dump_threads(server_pid: int, dest: Path) -> None:
-    """Every thread's native stack of the server and its stubs (gdb), one file per process:
-    what a stall is waiting on."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for pid, name in process_tree(server_pid).items():
-        with open(dest / f"{name}-{pid}.txt", "w") as out:
-            subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
-                           stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
