@@ -12,7 +12,7 @@ import argparse
 import re
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import requests
 
@@ -38,6 +38,19 @@ def total(scraped: list[tuple[str, dict[str, str], float]], name: str, **labels:
     histogram's `_count` across engines, say)."""
     want = set(labels.items())
     return sum(value for n, got, value in scraped if n == name and want <= set(got.items()))
+
+
+def samples_until(
+    url: str, ready: Callable[[list[tuple[str, dict[str, str], float]]], bool], timeout_s: float = 10.0
+) -> list[tuple[str, dict[str, str], float]]:
+    """Scrape until `ready(scrape)` (a model flushes its counters every 100 ms), bounded:
+    returns the last scrape either way, for the caller's assertion to judge."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        scraped = samples(url)
+        if ready(scraped) or time.monotonic() > deadline:
+            return scraped
+        time.sleep(0.1)
 
 
 def gauges(url: str, timeout_s: float = 10.0) -> dict[str, float]:

@@ -5,24 +5,17 @@ Counters and histograms are flushed from each model every 100 ms, so each test f
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 from scripts.client import generate
 from scripts.launch import TritonServer
-from scripts.metrics import samples, total, wait_released
+from scripts.metrics import samples, samples_until, total, wait_released
 
 PREFIX = "Answer from the manual, section by section, and be brief about it please. " * 6
 
 
 def settle(server: TritonServer, ready: Callable[[list], bool], timeout_s: float = 10.0) -> list:
-    """Scrape until `ready(scrape)` (the flush of the last request arrived), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        scraped = samples(server.metrics_url)
-        if ready(scraped) or time.monotonic() > deadline:
-            return scraped
-        time.sleep(0.1)
+    return samples_until(server.metrics_url, ready, timeout_s)
 
 
 def test_known_traffic_moves_counters_and_histograms_by_exactly_that_much(server: TritonServer) -> None:

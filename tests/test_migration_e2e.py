@@ -18,7 +18,6 @@ such a response's id unset), so a mid-stream crash shows as silence, and
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from orchestrator.detokenize import completion_text
 from scripts.client import generate
 from scripts.launch import TritonServer
-from scripts.metrics import samples, total, wait_released
+from scripts.metrics import samples, samples_until, total, wait_released
 from scripts.repository import ModelSpec, derive, set_parameters, write_model
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
@@ -84,13 +83,7 @@ def stream(server: TritonServer, prompt: str, max_tokens: int, model: str = "ens
 
 
 def settled(server: TritonServer, ready: Callable[[list], bool], timeout_s: float = 10.0) -> list:
-    """Scrape until `ready` (the orchestrator flushes its counters every 100 ms), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        scraped = samples(server.metrics_url)
-        if ready(scraped) or time.monotonic() > deadline:
-            return scraped
-        time.sleep(0.1)
+    return samples_until(server.metrics_url, ready, timeout_s)
 
 
 @pytest.mark.parametrize("prompt", [PROMPTS["ascii"], PROMPTS["emoji"]], ids=["ascii", "emoji"])
