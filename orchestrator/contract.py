@@ -1,7 +1,8 @@
 """The `tensorrt_llm` engine model's tensor contract as plain data.
 
-Engines (our stubs) and the orchestrator speak this contract (see
-`shared/reference/interface.md` section 2). Keeping the tensors <-> dataclass mapping here,
+Engines (our stubs) and the orchestrator speak this contract (the inputs, outputs and
+request parameters of TensorRT-LLM's `tensorrt_llm` backend; README, "The stub engines").
+Keeping the tensors <-> dataclass mapping here,
 on numpy alone, lets both sides and the tests share one parser, and keeps every `model.py`
 a thin adapter between `pb_utils.Tensor` and `dict[str, np.ndarray]`.
 
