@@ -312,7 +312,7 @@ def run_supervised(
                                    restart_models):  # fmt: skip
                 restart = isinstance(event, RestartServer)
         finally:
-            if not restart:
+            if not restart and not stopping:  # the supervisor failed: take the server down with it
                 with contextlib.suppress(ProcessLookupError):
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGTERM)
