@@ -99,9 +99,10 @@ def test_a_server_without_grpc_needs_the_address_set_or_bls() -> None:
 
 
 def test_the_address_is_read_from_a_real_process() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "--grpc-port=18123"],
-                            stdin=subprocess.PIPE)  # fmt: skip
+    code = "import sys; print('up', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--grpc-port=18123"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"  # exec'd: /proc shows its own argv
         assert server_grpc_address(proc.pid) == "127.0.0.1:18123"
     finally:
         proc.communicate(b"")
