@@ -627,6 +627,7 @@ class Orchestrator:
         """
         stream = self.client.stream(engine, tensors, params, child_id)
         timer = StallTimer(self.config.engine_timeout_s)
+        next_reply_s = self.config.next_reply_s  # for every reply after the first
         p.children[child_id] = engine
         waiting = self._waiting.setdefault(engine, set())
         waiting.add(timer)
@@ -648,7 +649,7 @@ class Orchestrator:
                     raise _PhaseFailed(error, engine_fault=True) from None
                 finally:
                     timer.disarm()
-                timer.timeout_s = self.config.next_reply_s  # the stream is running: a step, not a prefill
+                timer.timeout_s = next_reply_s  # the stream is running: a step, not a prefill
                 ended = reply.error is not None  # an error is always an engine's last word
                 yield reply
         finally:
