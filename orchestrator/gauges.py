@@ -82,13 +82,16 @@ class StateGauges:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            self.publish()
-            if self.also is not None:
-                self.also()
+            self.tick()
+
+    def tick(self) -> None:
+        """`also` (the telemetry flush) first, then the gauges: once a scrape shows a gauge
+        released, what was counted for that work has been flushed too (tests diff on it)."""
+        if self.also is not None:
+            self.also()
+        self.publish()
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self.publish()
-        if self.also is not None:
-            self.also()
+        self.tick()
