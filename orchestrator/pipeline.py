@@ -164,7 +164,7 @@ class Orchestrator:
     def engine_lost(self, engine: str, why: str) -> int:
         """`engine` lost every request it held (its stub process died): fail each attempt
         waiting on it now, as a failed attempt (retried elsewhere while no generated token was
-        streamed, else UNAVAILABLE), instead of after engine_timeout_s. Returns how many."""
+        streamed, else migrated), instead of after engine_timeout_s. Returns how many."""
         timers = list(self._waiting.get(engine, ()))
         for timer in timers:
             timer.fire_now(why)
