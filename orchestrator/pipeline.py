@@ -47,10 +47,14 @@ import uuid
 from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, TypeVar
+from typing import Awaitable, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
+from orchestrator.child_replies import ChildReplies
+from orchestrator.child_replies import PhaseFailed as _PhaseFailed
+from orchestrator.child_replies import engine_failure as _engine_failure
+from orchestrator.child_replies import retryable as _retryable
 from orchestrator.child_stops import ChildStops
 from orchestrator.config import OrchestratorConfig
 from orchestrator.contract import (
@@ -63,7 +67,7 @@ from orchestrator.contract import (
 )
 from orchestrator.deadline import StallTimer
 from orchestrator.detokenize import DetokWindow
-from orchestrator.engine_client import EngineClient, EngineReply
+from orchestrator.engine_client import EngineClient
 from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
 from orchestrator.migration import budget_spent, continuation_tensors, migration_failed
@@ -93,32 +97,6 @@ def _child_inputs(tensors: Tensors, streaming: bool) -> dict[str, np.ndarray]:
     return out
 
 
-class _PhaseFailed(Exception):
-    """A phase attempt failed; `engine_fault` says whether the engine is to blame (health).
-
-    `mid_stream` names the generation engine when the failure came after generated tokens
-    reached the client: no retry can hide it, a migration can.
-    """
-
-    def __init__(self, error: RequestError, engine_fault: bool) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.engine_fault = engine_fault
-        self.mid_stream = ""
-
-
-def _engine_failure(engine: str, phase: str, error: RequestError) -> _PhaseFailed:
-    """Client mistakes (INVALID_ARG) and cancellations pass through as they are; KV that is
-    gone (NOT_FOUND) is nobody's fault here; anything else is the engine's: UNAVAILABLE."""
-    if error.code in (ErrorCode.INVALID_ARG, ErrorCode.CANCELLED, ErrorCode.NOT_FOUND):
-        return _PhaseFailed(error, engine_fault=False)
-    return _PhaseFailed(EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}"), engine_fault=True)
-
-
-def _retryable(failure: _PhaseFailed) -> bool:
-    return failure.engine_fault or failure.error.code is ErrorCode.NOT_FOUND
-
-
 @dataclass(slots=True)
 class _InFlight:
     task: asyncio.Task[None]
@@ -145,10 +123,12 @@ class Orchestrator:
         self.router.listeners.append(
             lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt)
         )
-        self.membership = Membership(self.router, client, config, log, stub_deaths=stub_deaths, on_lost=self.engine_lost)
-        self._waiting: dict[str, set[StallTimer]] = {}  # engine -> the reply waits on it now
         self.in_flight: dict[str, _InFlight] = {}
         self.child_stops = ChildStops(client, config.stop_timeout_s, log)
+        self.child_replies = ChildReplies(client, self.child_stops, config, log)
+        self.membership = Membership(
+            self.router, client, config, log, stub_deaths=stub_deaths, on_lost=self.child_replies.engine_lost
+        )
         self._watcher: asyncio.Task[None] | None = None  # polls clients' cancellation
         self._loop: asyncio.AbstractEventLoop | None = None  # where requests run (set by start)
         self.cancelled_by_client = 0
@@ -160,17 +140,6 @@ class Orchestrator:
             "child_requests": sum(len(e.progress.children) + len(e.progress.leases) for e in self.in_flight.values()),
             "stops_pending": len(self.child_stops.pending),
         }
-
-    def engine_lost(self, engine: str, why: str) -> int:
-        """`engine` lost every request it held (its stub process died): fail each attempt
-        waiting on it now, as a failed attempt (retried elsewhere while no generated token was
-        streamed, else migrated), instead of after engine_timeout_s. Returns how many."""
-        timers = list(self._waiting.get(engine, ()))
-        for timer in timers:
-            timer.fire_now(why)
-        if timers:
-            self.log(f"engine {engine} lost its requests ({why}): {len(timers)} attempt(s) failed over")
-        return len(timers)
 
     async def stops_answered(self) -> None:
         """Wait until every stop request sent so far has been answered (or timed out)."""
@@ -502,7 +471,7 @@ class Orchestrator:
     async def _context_attempt(self, p: Progress, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
         params = {"request_type": RequestType.CONTEXT_ONLY.value}
         result: EngineOutput | None = None
-        async for reply in self._replies(p, engine, "context", _child_inputs(tensors, False), params, child_id):
+        async for reply in self.child_replies.replies(p.children, engine, "context", _child_inputs(tensors, False), params, child_id):
             if reply.error is not None:
                 raise _engine_failure(engine, "context", reply.error)
             if result is None:
@@ -587,7 +556,7 @@ class Orchestrator:
             params["request_type"] = RequestType.GENERATION_ONLY.value
         first = p.generated[-1] if blob is not None else None
         repeat_pending = blob is not None  # the generation engine repeats the context's first token
-        async with aclosing(self._replies(p, engine, "generation", gen_tensors, params, child_id)) as replies:
+        async with aclosing(self.child_replies.replies(p.children, engine, "generation", gen_tensors, params, child_id)) as replies:
             async for reply in replies:
                 if p.closed:
                     if continuation:
@@ -614,49 +583,3 @@ class Orchestrator:
                 done = p.finished()
                 if req.streaming and (tokens or done):
                     p.emit(tokens, final=done)
-
-    async def _replies(
-        self, p: Progress, engine: str, phase: str, tensors: Tensors, params: Mapping[str, str], child_id: str
-    ) -> AsyncIterator[EngineReply]:
-        """The engine's replies: the first awaited at most engine_timeout_s, each later one at most
-        next_reply_timeout_s (a silent engine is a failed one; over BLS, Triton 2.51 can lose
-        an engine's error that follows streamed replies).
-
-        A child left before the engine ended it (timeout, cancellation, stop, our error) is
-        stopped on its engine at once, so the engine frees its blocks now, not at its end.
-        """
-        stream = self.client.stream(engine, tensors, params, child_id)
-        timer = StallTimer(self.config.engine_timeout_s)
-        next_reply_s = self.config.next_reply_s  # for every reply after the first
-        p.children[child_id] = engine
-        waiting = self._waiting.setdefault(engine, set())
-        waiting.add(timer)
-        ended = False  # the engine ended the child itself (final reply or error)
-        try:
-            while True:
-                timer.arm()
-                try:
-                    reply = await anext(stream)
-                except StopAsyncIteration:
-                    ended = True
-                    return
-                except asyncio.CancelledError:
-                    if not timer.fired:
-                        raise
-                    timer.absorb()
-                    why = timer.reason or f"timed out on engine '{engine}': no reply in {timer.timeout_s:g}s"
-                    error = EngineUnavailable(f"{phase} phase {why}" if not timer.reason else f"{phase} phase failed on engine '{engine}': {why}")
-                    raise _PhaseFailed(error, engine_fault=True) from None
-                finally:
-                    timer.disarm()
-                timer.timeout_s = next_reply_s  # the stream is running: a step, not a prefill
-                ended = reply.error is not None  # an error is always an engine's last word
-                yield reply
-        finally:
-            waiting.discard(timer)
-            if not waiting:
-                self._waiting.pop(engine, None)
-            p.children.pop(child_id, None)
-            if not ended:
-                self.child_stops.send(engine, child_id)
-            await stream.aclose()
