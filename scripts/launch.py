@@ -214,8 +214,20 @@ class TritonServer:
         return self
 
     def is_ready(self) -> bool:
+        """Ready to serve and to be observed: tritonserver opens its metrics port ~40 ms after
+        HTTP reports ready, so a caller that reads /metrics first would be refused."""
+        return self._answers(f"http://{self.http_url}/v2/health/ready") and (
+            not self.serves_metrics or self._answers(f"http://{self.metrics_url}/metrics")
+        )
+
+    @property
+    def serves_metrics(self) -> bool:
+        return "--allow-metrics=false" not in self.extra_args
+
+    @staticmethod
+    def _answers(url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
