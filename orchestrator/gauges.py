@@ -1,7 +1,8 @@
 """What a model holds right now, published as Triton custom metrics (Prometheus gauges).
 
 Engines publish `disagg_engine_{active_requests,leases,kv_blocks_in_use,kv_blocks_reserved}`,
-the orchestrator `disagg_orchestrator_{in_flight_requests,child_requests,stops_pending}`,
+the orchestrator
+`disagg_orchestrator_{in_flight_requests,child_requests,stops_pending,queued_responses}`,
 each labelled `model="<model name>"`, on Triton's metrics port (`/metrics`). Those in
 `HOLDING` return to zero when nothing is in flight, which is how the tests and the soak
 prove that no request, KV block or lease leaked; engines also publish
@@ -22,6 +23,7 @@ HOLDING = frozenset({
     "disagg_engine_active_requests", "disagg_engine_leases", "disagg_engine_kv_blocks_in_use",
     "disagg_engine_kv_blocks_reserved", "disagg_orchestrator_in_flight_requests",
     "disagg_orchestrator_child_requests", "disagg_orchestrator_stops_pending",
+    "disagg_orchestrator_queued_responses", "disagg_engine_queued_responses",
 })  # fmt: skip
 
 DESCRIPTIONS = {
@@ -34,6 +36,7 @@ DESCRIPTIONS = {
     "in_flight_requests": "client requests the orchestrator is serving",
     "child_requests": "engine child requests and unpulled leases the orchestrator holds",
     "stops_pending": "stop requests sent to engines and not yet answered",
+    "queued_responses": "answers queued for the response sender thread and not yet sent",
 }
 
 

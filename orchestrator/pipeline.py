@@ -70,6 +70,7 @@ from orchestrator.detokenize import DetokWindow
 from orchestrator.engine_client import EngineClient
 from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.membership import Membership
+from orchestrator.outbox import Outbox
 from orchestrator.migration import budget_spent, continuation_tensors, migration_failed
 from orchestrator.router import Phase, RouteDecision, Router
 from orchestrator.metric_registry import MemoryRegistry
@@ -114,8 +115,10 @@ class Orchestrator:
         log: Callable[[str], None] = lambda message: None,
         telemetry: Telemetry | None = None,
         stub_deaths: Callable[[], Iterable[str]] | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
+        self.outbox = outbox  # answers go out from its thread (None: from the loop, at once)
         self.client = client
         self.router = router or Router(config)
         self.log = log
@@ -139,6 +142,7 @@ class Orchestrator:
             "in_flight_requests": len(self.in_flight),
             "child_requests": sum(len(e.progress.children) + len(e.progress.leases) for e in self.in_flight.values()),
             "stops_pending": len(self.child_stops.pending),
+            "queued_responses": self.outbox.queued if self.outbox is not None else 0,
         }
 
     async def stops_answered(self) -> None:
@@ -181,13 +185,19 @@ class Orchestrator:
                 f"request id '{key}' is already in flight: give every in-flight request its own id "
                 "(or none), or send stop=true with that id to end the running one"
             )
-        progress = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        progress = self._progress(request, sink)
         task = loop.create_task(self._serve(progress, tensors, key))
         self.in_flight[key] = _InFlight(task, progress)
         task.add_done_callback(lambda t, k=key, p=progress: self._task_done(t, k, p))
         if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
             self._watcher = loop.create_task(self._watch_cancellations())
         return task
+
+    def _progress(self, request: EngineRequest, sink: ResponseSink) -> Progress:
+        p = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        if self.outbox is not None:
+            p.outbox = self.outbox.channel(p.flush)
+        return p
 
     def _task_done(self, task: asyncio.Task[None], key: str, p: Progress) -> None:
         """Forget the request; if it never answered, answer now. A task cancelled before its
@@ -250,7 +260,7 @@ class Orchestrator:
 
     async def serve(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink, key: str = "") -> None:
         """Serve one request on the caller's task (start() is the usual way); never raises."""
-        progress = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
+        progress = self._progress(request, sink)
         await self._serve(progress, tensors, key or request.request_id or uuid.uuid4().hex)
 
     async def _serve(self, progress: Progress, tensors: Tensors, key: str) -> None:

@@ -8,6 +8,7 @@ closing response, or a typed error. Exactly one of its calls carries the final f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,7 +17,25 @@ import numpy as np
 
 from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics
 from orchestrator.detokenize import DetokWindow, prompt_window
-from orchestrator.errors import RequestError
+from orchestrator.errors import ErrorCode, RequestError
+from orchestrator.outbox import Channel
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    """Streamed tokens; `count`: the request's generated tokens when they were emitted."""
+
+    tokens: tuple[int, ...]
+    final: bool
+    count: int
+
+
+class _Whole:
+    """The non-streaming answer: every generated token (or prompt + them), final."""
+
+
+_WHOLE = _Whole()
+_Answer = _Delta | _Whole | RequestError
 
 
 class ResponseSink(Protocol):
@@ -57,6 +76,8 @@ class Progress:
     last_token_ns: int = 0
     retries: int = 0
     migrations: list[str] = field(default_factory=list)  # generation engines that failed mid-stream, in order
+    outbox: Channel[_Answer] | None = None  # where answers queue for the sender thread (None: sent at once)
+    broken: bool = False  # a response could not be sent: nothing more goes out
 
     def kv_blocks(self) -> tuple[int, int, int]:
         """KV blocks the request held on both engines: new, reused (prefix hits), total."""
@@ -67,26 +88,18 @@ class Progress:
         return self.request.stop.finished(self.generated) is not None
 
     def emit(self, new: tuple[int, ...] | list[int], final: bool) -> None:
-        """A streaming delta: the new tokens and their detokenization window."""
-        tensors = self.tensors(tuple(new), self.detok.window(new, final=final))
+        """A streaming delta: the new tokens (their detokenization window is made when sent)."""
         self.closed = final
         self.sent += 1
-        self.sink.send(tensors, final)
+        self._answer(_Delta(tuple(new), final, len(self.generated)))
 
     def close(self) -> None:
         """The single final response when no delta carried the final flag."""
-        req = self.request
-        if req.streaming:
+        if self.request.streaming:
             self.emit((), final=True)
             return
-        if req.exclude_input_in_output:
-            body = tuple(self.generated)
-            window = self.detok.window(self.generated, final=True)
-        else:
-            body = req.input_ids + tuple(self.generated)
-            window = prompt_window(req.input_ids, self.generated)
         self.closed = True
-        self.sink.send(self.tensors(body, window), True)
+        self._answer(_WHOLE)
 
     def fail(self, error: RequestError) -> None:
         if self.closed:
@@ -94,12 +107,58 @@ class Progress:
         if self.outcome == "ok":  # a timeout or stop named it already
             self.outcome = error.code.value.lower()
         self.closed = True
-        try:
-            self.sink.fail(error)
-        except Exception:  # noqa: BLE001 - the client is gone; nothing is left to tell
-            pass
+        self._answer(error)
 
-    def tensors(self, body: tuple[int, ...], window: np.ndarray) -> dict[str, np.ndarray]:
+    def _answer(self, item: _Answer) -> None:
+        if self.outbox is None:
+            self.flush([item])
+        else:
+            self.outbox.put(item)
+
+    def flush(self, items: list[_Answer]) -> None:
+        """Send answers, in order, as few responses as possible: consecutive deltas become one
+        (their tokens joined, one detokenization window over all of them). Runs on the
+        outbox's thread when there is one (orchestrator/outbox.py), else at once."""
+        if self.broken:
+            return
+        merged: list[_Answer] = []
+        for item in items:
+            last = merged[-1] if merged else None
+            if isinstance(item, _Delta) and isinstance(last, _Delta):
+                merged[-1] = _Delta(last.tokens + item.tokens, item.final, item.count)
+            else:
+                merged.append(item)
+        for item in merged:
+            if isinstance(item, RequestError):
+                try:
+                    self.sink.fail(item)
+                except Exception:  # noqa: BLE001 - the client is gone; nothing is left to tell
+                    pass
+                return
+            try:
+                self._send(item)
+            except Exception as exc:  # noqa: BLE001 - Triton refused the response: end the request here
+                self.broken = self.closed = True
+                if self.outcome == "ok":
+                    self.outcome = "internal"
+                with contextlib.suppress(Exception):
+                    self.sink.fail(RequestError(f"a response could not be sent: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL))
+                return
+
+    def _send(self, item: _Delta | _Whole) -> None:
+        if isinstance(item, _Delta):
+            self.sink.send(self.tensors(item.tokens, self.detok.window(item.tokens, final=item.final), item.count), item.final)
+            return
+        req = self.request
+        if req.exclude_input_in_output:
+            body = tuple(self.generated)
+            window = self.detok.window(self.generated, final=True)
+        else:
+            body = req.input_ids + tuple(self.generated)
+            window = prompt_window(req.input_ids, self.generated)
+        self.sink.send(self.tensors(body, window), True)
+
+    def tensors(self, body: tuple[int, ...], window: np.ndarray, count: int | None = None) -> dict[str, np.ndarray]:
         """The contract's outputs for `body` (EngineOutput builds them) plus the detok window."""
         perf = None
         if self.request.return_perf_metrics:
@@ -115,7 +174,7 @@ class Progress:
                 kv_cache_alloc_total_blocks=total,
             )
         output = EngineOutput(
-            tokens=body, perf=perf, num_input_tokens=len(self.request.input_ids), num_output_tokens=len(self.generated)
+            tokens=body, perf=perf, num_input_tokens=len(self.request.input_ids), num_output_tokens=len(self.generated) if count is None else count,
         )
         out = output.tensors(self.request)
         out["detok_window"] = window.reshape(1, -1)

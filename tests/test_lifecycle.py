@@ -20,7 +20,7 @@ from orchestrator.metric_registry import MemoryRegistry
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, oracle, run
 
 IDLE = {"active_requests": 0, "leases": 0, "kv_blocks_in_use": 0, "kv_blocks_reserved": 0}
-ORCH_IDLE = {"in_flight_requests": 0, "child_requests": 0, "stops_pending": 0}
+ORCH_IDLE = {"in_flight_requests": 0, "child_requests": 0, "stops_pending": 0, "queued_responses": 0}
 LONG_LEASE = EngineConfig.free(kv_lease_timeout_s=60.0)
 
 

@@ -6,7 +6,7 @@ policy of what runs when.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics
@@ -77,3 +77,12 @@ def output_for(
         num_input_tokens=seq.prompt_tokens,
         num_output_tokens=len(seq.generated),
     )
+
+
+def join_outputs(outputs: list[EngineOutput]) -> EngineOutput:
+    """Consecutive outputs of one request as one: tokens joined, the rest from the latest (its
+    perf timestamps, counts and handoff); what a sender that fell behind sends at once."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    return replace(last, tokens=tuple(t for output in outputs for t in output.tokens))

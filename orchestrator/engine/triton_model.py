@@ -13,29 +13,53 @@ from orchestrator import triton_io as io
 from orchestrator.contract import EngineOutput, EngineRequest, is_stop_request, parse_request
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.core import EngineCore
+from orchestrator.engine.sequence import join_outputs
 from orchestrator.errors import RequestError, as_request_error
 from orchestrator.gauges import StateGauges
 from orchestrator.loop_thread import LoopThread
 from orchestrator.metric_registry import TritonRegistry
+from orchestrator.outbox import Channel, Outbox
 from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
 
 class _EngineSink:
-    __slots__ = ("pb", "sender", "request", "triton_request", "requested")
+    """A request's response sender behind the engine's outbox: the step loop only queues, the
+    sender thread sends, and outputs that queued meanwhile go out as one (orchestrator/outbox.py)."""
 
-    def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest, triton_request: Any) -> None:
+    __slots__ = ("pb", "sender", "request", "triton_request", "requested", "channel", "broken")
+
+    def __init__(self, pb_utils: Any, sender: Any, request: EngineRequest, triton_request: Any, outbox: Outbox) -> None:
         self.pb, self.sender, self.request, self.triton_request = pb_utils, sender, request, triton_request
         self.requested = io.requested_outputs(triton_request)  # only these go out (triton_io says why)
+        self.channel: Channel[tuple[EngineOutput, bool] | RequestError] = outbox.channel(self._flush)
+        self.broken = False
 
     def send(self, output: EngineOutput, final: bool) -> None:
-        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        io.respond(self.pb, self.sender, output.tensors(self.request), self.requested, flags)
+        self.channel.put((output, final))
 
     def fail(self, error: RequestError) -> None:
-        self.sender.send(io.error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.channel.put(error)
 
     def cancelled(self) -> bool:
         return bool(self.triton_request.is_cancelled())
+
+    def _flush(self, items: list[tuple[EngineOutput, bool] | RequestError]) -> None:
+        """On the sender thread: consecutive outputs as one response, then an error if one came."""
+        outputs = [item for item in items if not isinstance(item, RequestError)]
+        errors = [item for item in items if isinstance(item, RequestError)]
+        if self.broken:
+            return
+        try:
+            if outputs:
+                final = outputs[-1][1]
+                joined = join_outputs([output for output, _ in outputs])
+                flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+                io.respond(self.pb, self.sender, joined.tensors(self.request), self.requested, flags)
+            if errors:
+                self.sender.send(io.error_response(self.pb, errors[0]), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:
+            self.broken = True  # Triton refused a response (the request is gone): send nothing more
+            raise
 
 
 class TritonPythonModel:
@@ -46,8 +70,10 @@ class TritonPythonModel:
         self.config = EngineConfig.from_parameters(io.model_parameters(args))
         self.telemetry = Telemetry(TritonRegistry(pb_utils, ENGINE_SPECS))
         self.core = EngineCore(args["model_name"], self.config, telemetry=self.telemetry)
+        self.outbox = Outbox(f"engine-{args['model_name']}-send", log=pb_utils.Logger.log_warn)
         self.gauges = StateGauges(
-            pb_utils, "disagg_engine", args["model_name"], lambda: {**self.core.state(), **self.core.capacity()},
+            pb_utils, "disagg_engine", args["model_name"],
+            lambda: {**self.core.state(), **self.core.capacity(), "queued_responses": self.outbox.queued},
             also=self.telemetry.flush,
         )  # fmt: skip
         self.loop = LoopThread(f"engine-{args['model_name']}")  # why not async execute: loop_thread.py
@@ -69,7 +95,7 @@ class TritonPythonModel:
                     sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
                 parsed = parse_request(tensors, parameters, request.request_id(), self.config.max_input_len)
-                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request), parameters.get("fault"))
+                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request, self.outbox), parameters.get("fault"))
             except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
                 sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -78,6 +104,7 @@ class TritonPythonModel:
             self.loop.run(self._close(), timeout_s=10)
         finally:
             self.loop.stop()
+            self.outbox.close(timeout_s=5)  # the answers _close queued go out first
 
     async def _close(self) -> None:
         self.gauges.stop()

@@ -23,6 +23,7 @@ from orchestrator.errors import as_request_error  # noqa: E402
 from orchestrator.gauges import StateGauges  # noqa: E402
 from orchestrator.loop_thread import LoopThread  # noqa: E402
 from orchestrator.metric_registry import TritonRegistry  # noqa: E402
+from orchestrator.outbox import Outbox  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 from orchestrator.self_endpoint import loopback_address  # noqa: E402
@@ -51,8 +52,10 @@ class TritonPythonModel:
         )
         request_log = RateLimitedLog(log, config.log_requests_per_s) if config.log_requests else None
         self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
+        self.outbox = Outbox("orchestrator-send", log=log)  # responses leave from its thread (outbox.py)
         self.orchestrator = Orchestrator(
-            config, self.client, log=log, telemetry=self.telemetry, stub_deaths=sibling_stub_deaths()
+            config, self.client, log=log, telemetry=self.telemetry, stub_deaths=sibling_stub_deaths(),
+            outbox=self.outbox,
         )  # engines whose stub died fail over at once
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
@@ -90,6 +93,7 @@ class TritonPythonModel:
             self.loop.run(self._close(), timeout_s=10)
         finally:
             self.loop.stop()
+            self.outbox.close(timeout_s=5)  # the CANCELLED answers queued by _close go out first
 
     async def _close(self):
         if self.watchdog is not None:
