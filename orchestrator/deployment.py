@@ -118,6 +118,7 @@ class Deployment:
     servers: tuple[Server, ...]
     frontend: str  # the server that hosts the ensemble and the orchestrator
     orchestrator_instances: int
+    postprocessing_instances: int
     engines_over: str  # "bls": same-server engines by BLS; "grpc": every engine over gRPC
     orchestrator_settings: Mapping[str, str]
     routing: Mapping[str, PhaseRouting]
@@ -201,6 +202,7 @@ def parse(data: Any) -> Deployment:
     orch = top.section("orchestrator")
     frontend = _server_ref(orch, server_names)
     instances = orch.integer("instances", 1, minimum=1)
+    post_instances = orch.integer("postprocessing_instances", 1, minimum=1)
     engines_over = orch.string("engines_over", "bls", choices=("bls", "grpc"))
     settings = _orchestrator_settings(orch.section("settings"))
     orch.done()
@@ -222,7 +224,7 @@ def parse(data: Any) -> Deployment:
     top.done()
     deployment = Deployment(
         name=name, tokenizer_dir=tokenizer_dir, streaming=streaming, servers=servers, frontend=frontend,
-        orchestrator_instances=instances, engines_over=engines_over, orchestrator_settings=settings, routing=routing,
+        orchestrator_instances=instances, postprocessing_instances=post_instances, engines_over=engines_over, orchestrator_settings=settings, routing=routing,
         local_prefill_max_tokens=local_max, context_queue_threshold=queue_threshold, pools=pools,
         kubernetes=kubernetes,
     )  # fmt: skip

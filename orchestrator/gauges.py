@@ -51,8 +51,11 @@ class StateGauges:
         read: Callable[[], Mapping[str, int]],
         interval_s: float = 0.1,
         also: Callable[[], object] | None = None,
+        instance: str = "",
     ) -> None:
-        """`also` runs on the same tick (the telemetry flush: buffered counters and histograms)."""
+        """`also` runs on the same tick (the telemetry flush: buffered counters and histograms).
+        `instance` adds an `instance` label: with several instances of a model, each process
+        publishes its own gauges (one set value each would overwrite the others')."""
         self.read = read
         self.interval_s = interval_s
         self.also = also
@@ -64,7 +67,8 @@ class StateGauges:
                 name=f"{prefix}_{key}", description=DESCRIPTIONS.get(key, key), kind=pb_utils.MetricFamily.GAUGE
             )
             self._families.append(family)
-            self._gauges[key] = family.Metric(labels={"model": model})
+            labels = {"model": model, **({"instance": instance} if instance else {})}
+            self._gauges[key] = family.Metric(labels=labels)
             self._set(key, value)
         self._task: asyncio.Task[None] | None = None
 

@@ -119,6 +119,7 @@ class Orchestrator:
     ) -> None:
         self.config = config
         self.outbox = outbox  # answers go out from its thread (None: from the loop, at once)
+        self.forward_stop: Callable[[str], object] | None = None  # a stop for an id not held here goes on
         self.client = client
         self.router = router or Router(config)
         self.log = log
@@ -215,17 +216,34 @@ class Orchestrator:
     def stop(self, request: EngineRequest, sink: ResponseSink) -> bool:
         """TensorRT-LLM's `stop=true`: end the in-flight request with this request's id with an
         empty final response, and answer the stop request itself with one. Returns whether one
-        was running (an unknown id is not an error: that request may just have finished)."""
+        was running here (an unknown id is not an error: that request may just have finished,
+        or run on a sibling instance, which `forward_stop` then tells)."""
         if not request.request_id:
             raise InvalidInput("stop=true needs the id of the request to stop: send it as this request's id")
-        entry = self.in_flight.get(request.request_id)
-        found = entry is not None and not entry.progress.closed
-        if entry is not None and found:
-            entry.progress.ending = "stop"
-            entry.task.cancel()
+        found = self.end(request.request_id)
+        self.telemetry.stop("here", found)
+        if not found and self.forward_stop is not None:
+            self.forward_stop(request.request_id)
+            self.telemetry.stop("forwarded", False)
         p = Progress(request=request, sink=sink, detok=DetokWindow(()), closed=True)
         sink.send(p.tensors((), p.detok.window((), final=True)), True)
         return found
+
+    def end_for_sibling(self, request_id: str) -> bool:
+        """A stop a sibling instance forwarded (orchestrator/siblings.py)."""
+        found = self.end(request_id)
+        self.telemetry.stop("from_sibling", found)
+        return found
+
+    def end(self, request_id: str) -> bool:
+        """End the in-flight request `request_id` as stopped (empty final response); a stop
+        request's work, also when a sibling instance forwarded it. Returns whether it ran here."""
+        entry = self.in_flight.get(request_id)
+        if entry is None or entry.progress.closed:
+            return False
+        entry.progress.ending = "stop"
+        entry.task.cancel()
+        return True
 
     async def _watch_cancellations(self) -> None:
         """Poll in-flight requests' Triton cancellation while any is in flight.

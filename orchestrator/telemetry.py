@@ -46,6 +46,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_routing_local_total", "counter", "requests served without the context hop, by reason"),
     MetricSpec("disagg_routing_disaggregated_total", "counter", "requests served by a context and a generation engine"),
     MetricSpec("disagg_orchestrator_migrations_total", "counter", "requests moved off a generation engine mid-stream"),
+    MetricSpec("disagg_orchestrator_stops_total", "counter", "stop=true requests: where handled, whether the id was in flight there"),
 )
 ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_queue_seconds", "histogram", "arrival to first scheduled on the engine", TIME_BUCKETS),
@@ -178,6 +179,11 @@ class Telemetry:
             self.inc("disagg_routing_disaggregated_total", {})
         else:
             self.inc("disagg_routing_local_total", {"reason": local_reason})
+
+    def stop(self, where: str, found: bool) -> None:
+        """A stop request handled `here` (from a client), `forwarded` to sibling instances (not
+        held here), or `from_sibling` (forwarded by a sibling); `found`: the id ran here."""
+        self.inc("disagg_orchestrator_stops_total", {"where": where, "found": str(found).lower()})
 
     def flush(self) -> int:
         """Apply what was recorded since the last flush; returns how many updates."""

@@ -67,6 +67,9 @@ class Measurement:
     tokens_per_s: float
     us_per_token: dict[str, float]  # process name -> CPU microseconds per generated token
     server_us_per_token: float  # tritonserver and every stub together (not the client)
+    ttft_p50_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
 
 
 def measure(
@@ -88,7 +91,12 @@ def measure(
     return Measurement(
         str(repository), concurrency, summary.ok, summary.errors, tokens, round(summary.duration_s, 2),
         round(tokens / max(summary.duration_s, 1e-9), 1), per_token, round(1e6 * server_total / max(tokens, 1), 1),
+        _ms(summary.ttft_p50_s), _ms(summary.itl_p50_s), _ms(summary.itl_p99_s),
     )  # fmt: skip
+
+
+def _ms(seconds: float | None) -> float:
+    return round(1e3 * seconds, 2) if seconds is not None else float("nan")
 
 
 def format_table(measurements: Sequence[Measurement]) -> str:
@@ -99,6 +107,8 @@ def format_table(measurements: Sequence[Measurement]) -> str:
         lines.append(name[:26].ljust(26) + "".join(f"{m.us_per_token.get(name, 0.0):>16.1f}" for m in measurements))
     lines.append("server total".ljust(26) + "".join(f"{m.server_us_per_token:>16.1f}" for m in measurements))
     lines.append("tokens/s".ljust(26) + "".join(f"{m.tokens_per_s:>16.1f}" for m in measurements))
+    lines.append("TTFT p50 ms".ljust(26) + "".join(f"{m.ttft_p50_ms:>16.2f}" for m in measurements))
+    lines.append("ITL p50 / p99 ms".ljust(26) + "".join(f"{f'{m.itl_p50_ms:.2f} / {m.itl_p99_ms:.2f}':>16}" for m in measurements))
     lines.append("ok / errors".ljust(26) + "".join(f"{f'{m.requests_ok}/{m.errors}':>16}" for m in measurements))
     return "\n".join(lines) + "\n(CPU microseconds per generated token; columns: each repository's parent folder)"
 

@@ -88,9 +88,10 @@ def build(d: Deployment, out: Path, only: str | None = None, source: Path = DEFA
         if server.name == d.frontend:
             for model, spec in _frontend_specs(d).items():
                 model_dir = write_model(dest, model, spec, source)
-                if model == "orchestrator":
+                counts = {"orchestrator": d.orchestrator_instances, "postprocessing": d.postprocessing_instances}
+                if model in counts:
                     config = model_dir / "config.pbtxt"
-                    config.write_text(set_instance_count(config.read_text(), d.orchestrator_instances))
+                    config.write_text(set_instance_count(config.read_text(), counts[model]))
         for pool in d.pools:
             if pool.server == server.name:
                 for i in range(pool.engines):

@@ -18,7 +18,6 @@ import requests
 
 from orchestrator.gauges import HOLDING
 
-_SAMPLE = re.compile(r"^(disagg_\w+)\{model=\"([^\"]*)\"\} (\S+)$", re.MULTILINE)
 _ANY = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -54,9 +53,17 @@ def samples_until(
 
 
 def gauges(url: str, timeout_s: float = 10.0) -> dict[str, float]:
-    """Every disagg gauge as `name{model}` -> value (url: HOST:PORT of the metrics endpoint)."""
+    """Every disagg gauge as `name{model}` -> value (url: HOST:PORT of the metrics endpoint);
+    a model with several instances publishes one gauge per instance: they are summed."""
     text = requests.get(f"http://{url}/metrics", timeout=timeout_s).text
-    return {f"{name}{{{model}}}": float(value) for name, model, value in _SAMPLE.findall(text)}
+    out: dict[str, float] = {}
+    for name, labels, value in _ANY.findall(text):
+        got = dict(_LABEL.findall(labels))
+        if not name.startswith("disagg_") or "model" not in got or set(got) - {"model", "instance"}:
+            continue  # counters and histograms carry other labels
+        key = f"{name}{{{got['model']}}}"
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def held(url: str) -> dict[str, float]:

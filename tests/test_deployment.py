@@ -101,6 +101,7 @@ def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         (STUBS, "orchestrator.settings", {"context_policy": "random"}, r"orchestrator.settings.context_policy: is set by the deployment's pools and routing"),
         (STUBS, "orchestrator.settings", {"engine_timeout_s": 0}, r"orchestrator.settings: .*'engine_timeout_s' must be > 0"),
         (STUBS, "orchestrator.instances", 0, r"orchestrator.instances: must be >= 1"),
+        (STUBS, "orchestrator.postprocessing_instances", 0, r"orchestrator.postprocessing_instances: must be >= 1"),
         # servers
         (THREE, "pools.context.server", None, r"pools.context.server: several servers are defined"),
         (THREE, "pools.context.server", "cpu", r"pools.context.server: unknown server 'cpu'; defined: \['front', 'gpu'\]"),
@@ -155,6 +156,15 @@ def test_default_file_generates_the_committed_repository(tmp_path: Path) -> None
     for name in generated:
         assert (repos["main"] / name / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / name / "config.pbtxt").read_text(), name
         assert _code(repos["main"] / name / "1") == _code(DEFAULT_REPOSITORY / name / "1"), name
+
+
+def test_instance_counts_reach_the_generated_configs(tmp_path: Path) -> None:
+    deployment = parse(edited(edited(STUBS, "orchestrator.instances", 3), "orchestrator.postprocessing_instances", 2))
+    repos = build(deployment, tmp_path)
+    counts = {m: _model_config(repos["main"] / m / "config.pbtxt").instance_group[0].count for m in ("orchestrator", "postprocessing")}
+    assert counts == {"orchestrator": 3, "postprocessing": 2}
+    post = _model_config(repos["main"] / "postprocessing" / "config.pbtxt")
+    assert post.dynamic_batching.preserve_ordering  # what keeps streams in order with several instances
 
 
 def test_engines_over_grpc_names_even_local_engines_by_endpoint() -> None:

@@ -27,6 +27,7 @@ from orchestrator.outbox import Outbox  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 from orchestrator.self_endpoint import loopback_address  # noqa: E402
+from orchestrator.siblings import Instances, SiblingStops  # noqa: E402
 from orchestrator.stub_fence import StubFence  # noqa: E402
 from orchestrator.supervisor import sibling_stub_deaths  # noqa: E402
 from orchestrator.watchdog import StuckExit  # noqa: E402
@@ -60,13 +61,29 @@ class TritonPythonModel:
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
         self.gauges = StateGauges(
-            pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state, also=self.telemetry.flush
+            pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state, also=self.telemetry.flush,
+            instance=args["model_instance_name"],
         )
         self.loop = LoopThread("orchestrator-loop")
         self.loop.call(self.gauges.ensure_started)
+        self.siblings = self._sibling_stops(args, log)
         self.watchdog = StuckExit(config.stuck_exit_s) if config.stuck_exit_s > 0 else None
         if self.watchdog is not None:
             self.loop.call(self.watchdog.start)
+
+    def _sibling_stops(self, args, log):
+        """With several instances, a stop=true for a request held by another one goes there."""
+        instances = Instances.of(args)
+        if not instances.siblings:
+            return None
+        try:
+            siblings = SiblingStops(instances, self.orchestrator.end_for_sibling)
+        except OSError as exc:  # e.g. the name is still held by this instance's dying predecessor
+            pb_utils.Logger.log_warn(f"stop=true will not reach sibling instances from here: {exc}")
+            return None
+        self.orchestrator.forward_stop = siblings.forward
+        self.loop.call(siblings.start)
+        return siblings
 
     def execute(self, requests):
         self.loop.call(self._serve, requests)
@@ -99,4 +116,6 @@ class TritonPythonModel:
         if self.watchdog is not None:
             self.watchdog.stop()
         self.gauges.stop()
+        if self.siblings is not None:
+            self.siblings.close()
         await self.orchestrator.close()

@@ -1,0 +1,117 @@
+"""Two orchestrator instances and two postprocessing instances in one real tritonserver.
+
+Each instance is a process of its own and Triton hands a request to any of them: a
+`stop=true` must reach the request wherever it runs (orchestrator/siblings.py), and a
+stream's deltas must reach the client in order although two postprocessing processes
+render them (postprocessing's `preserve_ordering`). Leak gauges, one per orchestrator
+instance, must all return to zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from orchestrator.detokenize import completion_text
+from scripts.client import generate
+from scripts.launch import TritonServer
+from scripts.overhead import ZERO_COST
+from scripts.metrics import held, samples, samples_until, total, wait_released
+from scripts.repository import FRONTEND_MODELS, ModelSpec, derive, set_instance_count
+from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
+
+INSTANCES = 2
+LONG = 3000  # tokens: far longer than the test waits, so only a stop can end it
+STOPS = "disagg_orchestrator_stops_total"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    repo = tmp_path_factory.mktemp("instances_repository")
+    engines = {m: ModelSpec(m, ZERO_COST) for m in ("context_0", "context_1", "generation_0", "generation_1")}
+    derive(repo, {**{m: ModelSpec(m) for m in FRONTEND_MODELS}, **engines})  # free engines: deltas back to back
+    for model in ("orchestrator", "postprocessing"):
+        config = repo / model / "config.pbtxt"
+        config.write_text(set_instance_count(config.read_text(), INSTANCES))
+    with TritonServer(model_repository=Path(repo)) as srv:
+        yield srv
+
+
+def reference(prompt: str, max_tokens: int) -> str:
+    tensors = client_tensors(prompt, max_tokens, streaming=False, exclude=True)
+    return completion_text(TOK, prompt_ids(tensors), asyncio.run(oracle(tensors)))
+
+
+def instance_gauges(server: TritonServer) -> dict[str, float]:
+    """disagg_orchestrator_in_flight_requests per instance label."""
+    return {
+        labels.get("instance", ""): value
+        for name, labels, value in samples(server.metrics_url, "disagg_orchestrator_in_flight_requests")
+    }
+
+
+def test_every_orchestrator_instance_publishes_its_own_gauges(server: TritonServer) -> None:
+    assert sorted(instance_gauges(server)) == [f"orchestrator_0_{i}" for i in range(INSTANCES)]
+
+
+def test_streams_stay_in_order_and_exact_through_two_postprocessing_instances(server: TritonServer) -> None:
+    """64 streams at once, many deltas each: any delta handed over out of order would change
+    the concatenated text of its stream."""
+    prompts = [f"{PROMPTS[kind]} {i}" for i in range(16) for kind in ("ascii", "emoji", "cjk", "multibyte")][:64]
+    max_tokens = 48
+
+    def run(prompt: str) -> tuple[str, int]:
+        deltas = [d.text for d in generate(server.grpc_url, prompt, max_tokens, stream=True, timeout_s=120)]
+        return "".join(deltas), len(deltas)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(run, prompts))
+    expected = [reference(p, max_tokens) for p in prompts]
+    wrong = [p for p, (text, _), want in zip(prompts, results, expected) if text.encode() != want.encode()]
+    assert wrong == []
+    assert sum(n for _, n in results) > 4 * len(prompts)  # they did stream in many pieces
+    assert wait_released(server.metrics_url, 10) == {}
+
+
+def test_a_stop_reaches_its_request_on_whichever_instance_runs_it(server: TritonServer) -> None:
+    """Eight long streams spread over the instances; each one's stop=true lands on any
+    instance: every stream ends with its empty final response, and some stops had to be
+    forwarded to the sibling that held the request."""
+    before = samples(server.metrics_url)
+    victims = [f"victim-{i}" for i in range(8)]
+    finals: dict[str, Any] = {}
+
+    def victim(rid: str) -> None:
+        finals[rid] = list(generate(server.grpc_url, "the cat sat on the mat and the", LONG, stream=True, request_id=rid))[-1]
+
+    threads = [threading.Thread(target=victim, args=(rid,)) for rid in victims]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sum(instance_gauges(server).values()) < len(victims):
+        assert time.monotonic() < deadline, instance_gauges(server)
+        time.sleep(0.05)
+    spread = instance_gauges(server)
+    for rid in victims:
+        (ack,) = generate(server.grpc_url, "", 1, stream=False, request_id=rid, stop=True)
+        assert ack.final and ack.text == ""
+    for thread in threads:
+        thread.join(30)
+    assert all(finals[rid].final and finals[rid].text == "" for rid in victims), finals
+
+    def counted(s: list, **labels: str) -> float:
+        return total(s, STOPS, **labels) - total(before, STOPS, **labels)
+
+    after = samples_until(server.metrics_url, lambda s: counted(s, found="true") >= len(victims))
+    assert counted(after, found="true") == len(victims)  # each stop ended its request exactly once
+    if min(spread.values()) > 0:  # requests ran on both instances: not every stop found its own
+        assert counted(after, where="from_sibling", found="true") >= 1, (spread, after)
+    assert counted(after, where="forwarded") == counted(after, where="from_sibling")
+    assert wait_released(server.metrics_url, 10) == {}
+    assert held(server.metrics_url) == {}
