@@ -111,6 +111,7 @@ class Outbox:
                     cond.notify()
                 if not self._waiting:
                     cond.notify_all()  # drain() waits for this
+            del channel, items  # not kept alive (with its request) while this thread waits
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until everything put so far is flushed; False if `timeout_s` ran out first."""

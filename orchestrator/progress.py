@@ -38,6 +38,12 @@ _WHOLE = _Whole()
 _Answer = _Delta | _Whole | RequestError
 
 
+def _last(items: list[_Answer]) -> bool:
+    """Whether `items` end with a request's last answer (a final delta, the whole answer, an error)."""
+    item = items[-1]
+    return not isinstance(item, _Delta) or item.final
+
+
 class ResponseSink(Protocol):
     """One client request's response channel; exactly one call has final=True or is fail()."""
 
@@ -121,10 +127,12 @@ class Progress:
         outbox's thread when there is one (orchestrator/outbox.py), else at once."""
         if self.broken:
             return
+        if self.closed and self.outbox is not None and _last(items):
+            self.outbox = None  # the final answer is in hand: break the Progress <-> channel cycle now
         merged: list[_Answer] = []
         for item in items:
             last = merged[-1] if merged else None
-            if isinstance(item, _Delta) and isinstance(last, _Delta):
+            if isinstance(item, _Delta) and isinstance(last, _Delta) and item.tokens:  # an empty final (a stop's) stays apart
                 merged[-1] = _Delta(last.tokens + item.tokens, item.final, item.count)
             else:
                 merged.append(item)

@@ -158,3 +158,40 @@ def test_a_stream_merged_by_a_busy_sender_renders_the_unmerged_text(prompt: str)
     (only,) = calls
     assert only.text == expected and len(only.ids) == max_tokens
     assert int(only.tensors["num_output_tokens"].reshape(-1)[0]) == max_tokens
+
+
+def test_a_finished_request_is_freed_without_waiting_for_the_garbage_collector(outbox: Outbox) -> None:
+    """Progress and its channel refer to each other until the final answer is flushed; a
+    cycle left behind would keep the Triton request (and its shared memory) until a full GC
+    (a 3000-request soak grew the server's RSS by 97 MiB that way; 30 MiB once broken)."""
+    import gc
+    import weakref
+
+    from orchestrator.detokenize import DetokWindow
+    from orchestrator.progress import Progress
+
+    tensors = client_tensors(PROMPTS["ascii"], 4, streaming=True)
+    request = parse_request(tensors, {}, "freed")
+    sent: list[bool] = []
+
+    class Sink:
+        def send(self, tensors: dict[str, np.ndarray], final: bool) -> None:
+            sent.append(final)
+
+        def fail(self, error: RequestError) -> None:
+            sent.append(True)
+
+    gc.disable()
+    try:
+        sink = Sink()
+        p = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids))
+        p.outbox = outbox.channel(p.flush)
+        p.generated.extend([5, 6])
+        p.emit((5,), final=False)
+        p.emit((6,), final=True)
+        assert outbox.drain(5) and sent[-1] is True
+        ref = weakref.ref(sink)  # held only through the Progress: alive as long as it is
+        del p, sink
+        assert ref() is None
+    finally:
+        gc.enable()

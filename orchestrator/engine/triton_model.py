@@ -49,6 +49,9 @@ class _EngineSink:
         errors = [item for item in items if isinstance(item, RequestError)]
         if self.broken:
             return
+        last = items[-1]
+        if isinstance(last, RequestError) or last[1]:
+            self.channel = None  # type: ignore[assignment]  # nothing follows a final: break the sink <-> channel cycle
         try:
             if outputs:
                 final = outputs[-1][1]
