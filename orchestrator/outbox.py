@@ -31,7 +31,7 @@ Item = TypeVar("Item")
 class Channel(Generic[Item]):
     """One request's queue in an `Outbox`; `put` from any thread."""
 
-    __slots__ = ("_outbox", "_flush", "_items", "_queued", "_busy")
+    __slots__ = ("_outbox", "_flush", "_items", "_queued", "_busy", "_last")
 
     def __init__(self, outbox: "Outbox", flush: Callable[[list[Item]], None]) -> None:
         self._outbox = outbox
@@ -39,9 +39,18 @@ class Channel(Generic[Item]):
         self._items: list[Item] = []
         self._queued = False  # in the outbox's ready queue
         self._busy = False  # a sender thread is flushing it now
+        self._last = False  # the request's last item was put
 
-    def put(self, item: Item) -> None:
-        self._outbox._put(self, item)
+    def put(self, item: Item, last: bool = False) -> None:
+        """Queue `item`; `last`: nothing follows it. Once the last item is flushed the channel
+        lets go of `flush` (usually a bound method of the request's state, which refers back
+        to the channel: that cycle would keep a finished request, and its Triton request,
+        alive until a full garbage collection). Items put after it are dropped."""
+        self._outbox._put(self, item, last)
+
+
+def _dropped(items: list[Any]) -> None:
+    """A finished channel's flush."""
 
 
 class Outbox:
@@ -68,10 +77,11 @@ class Outbox:
         """Items put and not yet flushed (0 when idle: a gauge that proves nothing is stuck)."""
         return self._waiting
 
-    def _put(self, channel: Channel[Any], item: Any) -> None:
+    def _put(self, channel: Channel[Any], item: Any, last: bool) -> None:
         with self._cond:
             closed = self._closing and not self._threads_alive()
             if not closed:
+                channel._last = channel._last or last
                 channel._items.append(item)
                 self._waiting += 1
                 if not channel._queued and not channel._busy:
@@ -96,10 +106,13 @@ class Outbox:
                 channel._queued = False
                 channel._busy = True
                 items, channel._items = channel._items, []
+                last = channel._last  # set with the last item's append: that item is in `items`
             try:
                 channel._flush(items)
             except Exception as exc:  # noqa: BLE001 - a flush's failure is that channel's, never the thread's
                 self.log(f"outbox: a flush failed ({type(exc).__name__}: {exc}); its items are dropped")
+            if last:
+                channel._flush = _dropped
             with cond:
                 channel._busy = False
                 self._waiting -= len(items)

@@ -38,12 +38,6 @@ _WHOLE = _Whole()
 _Answer = _Delta | _Whole | RequestError
 
 
-def _last(items: list[_Answer]) -> bool:
-    """Whether `items` end with a request's last answer (a final delta, the whole answer, an error)."""
-    item = items[-1]
-    return not isinstance(item, _Delta) or item.final
-
-
 class ResponseSink(Protocol):
     """One client request's response channel; exactly one call has final=True or is fail()."""
 
@@ -119,7 +113,7 @@ class Progress:
         if self.outbox is None:
             self.flush([item])
         else:
-            self.outbox.put(item)
+            self.outbox.put(item, last=not isinstance(item, _Delta) or item.final)
 
     def flush(self, items: list[_Answer]) -> None:
         """Send answers, in order, as few responses as possible: consecutive deltas become one
@@ -127,8 +121,6 @@ class Progress:
         outbox's thread when there is one (orchestrator/outbox.py), else at once."""
         if self.broken:
             return
-        if self.closed and self.outbox is not None and _last(items):
-            self.outbox = None  # the final answer is in hand: break the Progress <-> channel cycle now
         merged: list[_Answer] = []
         for item in items:
             last = merged[-1] if merged else None

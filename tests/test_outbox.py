@@ -63,6 +63,16 @@ def test_items_queued_while_the_sender_is_busy_reach_one_flush_in_order(outbox: 
     assert (outbox.items, outbox.flushes) == (7, 3)
 
 
+def test_after_its_last_item_a_channel_lets_go_of_its_flush(outbox: Outbox) -> None:
+    flushed: list[str] = []
+    channel = outbox.channel(flushed.extend)
+    channel.put("a")
+    channel.put("end", last=True)
+    assert outbox.drain(5) and flushed[-1] == "end"
+    channel.put("late")  # nothing follows a last item: dropped, and nothing refers to `flushed` now
+    assert outbox.drain(5) and "late" not in flushed and outbox.queued == 0
+
+
 def test_channels_are_served_in_the_order_they_became_ready(outbox: Outbox) -> None:
     seen: list[str] = []
     gate = _Gate(outbox)

@@ -35,23 +35,20 @@ class _EngineSink:
         self.broken = False
 
     def send(self, output: EngineOutput, final: bool) -> None:
-        self.channel.put((output, final))
+        self.channel.put((output, final), last=final)
 
     def fail(self, error: RequestError) -> None:
-        self.channel.put(error)
+        self.channel.put(error, last=True)
 
     def cancelled(self) -> bool:
         return bool(self.triton_request.is_cancelled())
 
     def _flush(self, items: list[tuple[EngineOutput, bool] | RequestError]) -> None:
         """On the sender thread: consecutive outputs as one response, then an error if one came."""
-        outputs = [item for item in items if not isinstance(item, RequestError)]
-        errors = [item for item in items if isinstance(item, RequestError)]
         if self.broken:
             return
-        last = items[-1]
-        if isinstance(last, RequestError) or last[1]:
-            self.channel = None  # type: ignore[assignment]  # nothing follows a final: break the sink <-> channel cycle
+        outputs = [item for item in items if not isinstance(item, RequestError)]
+        errors = [item for item in items if isinstance(item, RequestError)]
         try:
             if outputs:
                 final = outputs[-1][1]
