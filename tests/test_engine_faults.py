@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.contract import RequestType
 from orchestrator.engine.config import EngineConfig
+from orchestrator.engine.faults import chosen_fault
 from orchestrator.errors import ErrorCode, InvalidInput
 from tests.engine_harness import PROMPT, context_blob, new_core, request, run, submit
 
@@ -187,8 +188,8 @@ def test_fault_rate_picks_the_same_requests_every_time() -> None:
     async def body() -> None:
         core_a, core_b = new_core("a", fault="fail", fault_rate=0.5), new_core("b", fault="fail", fault_rate=0.5)
         ids = [f"req-{i}:ctx" for i in range(200)]
-        picked_a = [core_a._fault(replace(request(PROMPT), request_id=i), None) for i in ids]
-        picked_b = [core_b._fault(replace(request(PROMPT), request_id=i), None) for i in ids]
+        picked_a = [chosen_fault(core_a.config, replace(request(PROMPT), request_id=i), None) for i in ids]
+        picked_b = [chosen_fault(core_b.config, replace(request(PROMPT), request_id=i), None) for i in ids]
         assert picked_a == picked_b
         assert 60 < picked_a.count("fail") < 140  # about half
 

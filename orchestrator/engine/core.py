@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections import deque
 from typing import Callable
 
 from orchestrator.contract import EngineOutput, EngineRequest, RequestType
 from orchestrator.engine.block_hash import block_hashes, prompt_digest
 from orchestrator.engine.block_pool import BlockPool
-from orchestrator.engine.config import FAULTS, EngineConfig
-from orchestrator.engine.handoff import Handoff
+from orchestrator.engine.config import EngineConfig
+from orchestrator.engine.faults import chosen_fault
+from orchestrator.engine.handoff import Handoff, check_handoff
 from orchestrator.engine.kv_cache import Allocation, KVCacheManager
 from orchestrator.engine.kv_layout import convert
 from orchestrator.engine.kv_store import KVStore
 from orchestrator.engine.leases import LeaseTable
 from orchestrator.engine.tiny_model import InductionModel, SequenceKV
-from orchestrator.engine.sequence import EngineSequence, Sink, output_for
+from orchestrator.engine.sequence import EngineSequence, Sink, check_prompt, max_slots, output_for, partial_output, take_token
 from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
 from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
 from orchestrator.metric_registry import MemoryRegistry
@@ -130,17 +130,12 @@ class EngineCore:
             raise RequestError(f"engine '{self.name}' is shut down", ErrorCode.UNAVAILABLE)
         if request.request_type is RequestType.CONTEXT_ONLY and not (self._started and self._started.done()):
             raise RequestError(f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL)
-        fault = self._fault(request, fault)
+        fault = chosen_fault(self.config, request, fault)
         if fault == "fail":
             raise RequestError(f"engine '{self.name}' failed the request (injected fault)", ErrorCode.UNAVAILABLE)
         ids = request.input_ids
-        if len(ids) > self.config.max_input_len:
-            raise InvalidInput(
-                f"prompt has {len(ids)} tokens, more than engine '{self.name}' max_input_len={self.config.max_input_len}"
-            )
-        if any(t < 0 for t in ids):
-            raise InvalidInput("input_ids must be token ids >= 0")
-        need = self._max_slots(request)
+        check_prompt(ids, self.config.max_input_len, self.name)
+        need = max_slots(request)
         if not self.kv.fits_empty(need):
             raise InvalidInput(
                 f"the request needs {self.kv.blocks_for(need)} KV blocks (prompt + max_tokens = {need} tokens) but engine "
@@ -149,7 +144,7 @@ class EngineCore:
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
         seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault)
         if request.request_type is RequestType.GENERATION_ONLY:
-            seq.handoff = self._accept_handoff(request)
+            seq.handoff = check_handoff(request, self.geometry)
         if fault in ("hang", "stall"):
             self._stalled.append(seq)
             self._ensure_loop()  # its cancellation poll ends the stalled request
@@ -157,23 +152,6 @@ class EngineCore:
         self._waiting.append(seq)
         self._ensure_loop()
         self._wake()
-
-    def _fault(self, request: EngineRequest, asked: object) -> str:
-        """The injected fault this request acts out ('none' when it is served normally)."""
-        if asked not in (None, ""):
-            if asked not in FAULTS:
-                raise InvalidInput(f"request parameter 'fault'={asked!r} is unknown: use one of {list(FAULTS)}")
-            return str(asked)
-        cfg = self.config
-        if cfg.fault == "none":
-            return "none"
-        if cfg.fault_phase != "any":
-            affected = RequestType.CONTEXT_ONLY if cfg.fault_phase == "context" else RequestType.GENERATION_ONLY
-            if request.request_type is not affected:
-                return "none"
-        if cfg.fault_rate < 1 and zlib.crc32(request.request_id.encode()) / 2**32 >= cfg.fault_rate:
-            return "none"
-        return cfg.fault
 
     def stop(self, request_id: str) -> int:
         """End the requests with this id wherever they are (an empty final output each) and drop
@@ -187,44 +165,13 @@ class EngineCore:
         for seq in self._sequences():
             if seq.request.request_id == request_id and not seq.done:
                 self._finish(seq)
-                self._deliver(seq, output_for(seq, self._partial(seq), self._clock_ns()), final=True)
+                self._deliver(seq, output_for(seq, partial_output(seq), self._clock_ns()), final=True)
                 stopped += 1
         self._prune()
         return stopped + self.leases.drop_owned(request_id)
 
-    @staticmethod
-    def _partial(seq: EngineSequence) -> tuple[int, ...]:
-        """What a stopped request's final output carries: nothing new when streaming or a
-        context phase; the tokens so far when the client waits for one response."""
-        req = seq.request
-        if req.streaming or req.request_type is RequestType.CONTEXT_ONLY:
-            return ()
-        return tuple(seq.generated) if req.exclude_input_in_output else req.input_ids + tuple(seq.generated)
-
     def _sequences(self) -> list[EngineSequence]:
         return [*self._waiting, *self._pulling, *self._ready, *self._running, *self._stalled]
-
-    def _max_slots(self, request: EngineRequest) -> int:
-        """KV slots the request may fill here (GUARANTEED_NO_EVICT reserves them all)."""
-        if request.request_type is RequestType.CONTEXT_ONLY:
-            return len(request.input_ids)
-        return len(request.input_ids) + request.stop.max_new_tokens
-
-    def _accept_handoff(self, request: EngineRequest) -> Handoff:
-        if request.context_phase_params is None:
-            raise InvalidInput("a generation_only request needs the context_phase_params of its context phase")
-        try:
-            handoff = Handoff.decode(request.context_phase_params)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
-        if handoff.num_tokens != len(request.input_ids) or handoff.prompt_digest != prompt_digest(request.input_ids):
-            raise InvalidInput("context_phase_params belong to a different prompt than this request's input_ids")
-        if handoff.geometry != self.geometry:
-            raise InvalidInput(
-                f"context_phase_params come from engine '{handoff.source_engine}' with KV geometry {handoff.geometry}, "
-                f"this engine has {self.geometry}: configure the same tokens_per_block on both"
-            )
-        return handoff
 
     @property
     def active(self) -> int:
@@ -337,7 +284,7 @@ class EngineCore:
             never_fits = cost > self.config.max_num_tokens
             if cost > budget and (admitted or not never_fits):
                 break  # wait for room; a prompt that can never fit runs as its step's only prefill
-            alloc = self.kv.admit(seq.request.input_ids, self._max_slots(seq.request), seq.hashes)
+            alloc = self.kv.admit(seq.request.input_ids, max_slots(seq.request), seq.hashes)
             if alloc is None:
                 break  # wait for blocks
             self._waiting.popleft()
@@ -363,7 +310,7 @@ class EngineCore:
         handoff = seq.handoff
         assert handoff is not None
         last_block = self.kv.blocks_for(handoff.num_tokens) - 1
-        alloc = self.kv.admit(seq.request.input_ids, self._max_slots(seq.request), seq.hashes, max_hits=last_block)
+        alloc = self.kv.admit(seq.request.input_ids, max_slots(seq.request), seq.hashes, max_hits=last_block)
         if alloc is None:
             return False
         self._hold(seq, alloc)
@@ -491,27 +438,12 @@ class EngineCore:
         self._deliver(seq, output, final=True)
 
     def _accept(self, seq: EngineSequence, now: int) -> None:
-        req, token = seq.request, seq.pending
+        token = seq.pending
         assert token is not None
         if seq.fault == "crash" and len(seq.generated) >= self.config.fault_after_tokens:
             self._fail(seq, RequestError(f"engine '{self.name}' crashed mid-stream (injected fault)", ErrorCode.UNAVAILABLE))
             return
-        ended = req.stop.is_end(token)
-        if not ended:
-            seq.generated.append(token)
-            seq.tokens.append(token)
-        done = ended or req.stop.finished(seq.generated) is not None
-        output: EngineOutput | None = None
-        if req.streaming:
-            new = tuple(seq.generated[seq.sent :])
-            seq.sent = len(seq.generated)
-            if new or done:
-                output = output_for(seq, new, now)
-        elif done:
-            body = tuple(seq.generated)
-            if not req.exclude_input_in_output:
-                body = req.input_ids + body
-            output = output_for(seq, body, now)
+        output, done = take_token(seq, token, now)
         if done:
             self._finish(seq)
         if output is not None:

@@ -21,7 +21,10 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from orchestrator.contract import EngineRequest
+from orchestrator.engine.block_hash import prompt_digest
 from orchestrator.engine.kv_layout import Geometry, Layout
+from orchestrator.errors import InvalidInput
 
 MAGIC = b"DKV2"
 _FIXED = struct.Struct("<iIQQHHHIHHH")
@@ -88,3 +91,22 @@ class Handoff:
             first_token=first, num_tokens=ntok, prompt_digest=digest, lease_id=lease, geometry=geometry,
             layout=Layout(tp, pp), port=port, **strings,
         )  # fmt: skip
+
+
+def check_handoff(request: EngineRequest, geometry: Geometry) -> Handoff:
+    """The request's context_phase_params, decoded and checked against its prompt and this
+    engine's KV geometry; InvalidInput says what does not match."""
+    if request.context_phase_params is None:
+        raise InvalidInput("a generation_only request needs the context_phase_params of its context phase")
+    try:
+        handoff = Handoff.decode(request.context_phase_params)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    if handoff.num_tokens != len(request.input_ids) or handoff.prompt_digest != prompt_digest(request.input_ids):
+        raise InvalidInput("context_phase_params belong to a different prompt than this request's input_ids")
+    if handoff.geometry != geometry:
+        raise InvalidInput(
+            f"context_phase_params come from engine '{handoff.source_engine}' with KV geometry {handoff.geometry}, "
+            f"this engine has {geometry}: configure the same tokens_per_block on both"
+        )
+    return handoff

@@ -9,11 +9,11 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics
+from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics, RequestType
 from orchestrator.engine.handoff import Handoff
 from orchestrator.engine.kv_cache import Allocation
 from orchestrator.engine.tiny_model import SequenceKV
-from orchestrator.errors import RequestError
+from orchestrator.errors import InvalidInput, RequestError
 
 
 class Sink(Protocol):
@@ -86,3 +86,50 @@ def join_outputs(outputs: list[EngineOutput]) -> EngineOutput:
         return outputs[0]
     last = outputs[-1]
     return replace(last, tokens=tuple(t for output in outputs for t in output.tokens))
+
+
+def check_prompt(ids: tuple[int, ...], max_input_len: int, engine: str) -> None:
+    """InvalidInput when an engine cannot take these prompt ids."""
+    if len(ids) > max_input_len:
+        raise InvalidInput(f"prompt has {len(ids)} tokens, more than engine '{engine}' max_input_len={max_input_len}")
+    if any(t < 0 for t in ids):
+        raise InvalidInput("input_ids must be token ids >= 0")
+
+
+def max_slots(request: EngineRequest) -> int:
+    """KV slots the request may fill on an engine (GUARANTEED_NO_EVICT reserves them all)."""
+    if request.request_type is RequestType.CONTEXT_ONLY:
+        return len(request.input_ids)
+    return len(request.input_ids) + request.stop.max_new_tokens
+
+
+def partial_output(seq: EngineSequence) -> tuple[int, ...]:
+    """What a stopped request's final output carries: nothing new when streaming or a
+    context phase; the tokens so far when the client waits for one response."""
+    req = seq.request
+    if req.streaming or req.request_type is RequestType.CONTEXT_ONLY:
+        return ()
+    return tuple(seq.generated) if req.exclude_input_in_output else req.input_ids + tuple(seq.generated)
+
+
+def take_token(seq: EngineSequence, token: int, now: int) -> tuple[EngineOutput | None, bool]:
+    """A decoded token joins the sequence (unless it is the end token); returns the output
+    to send now (a streamed delta, or the whole answer once done) and whether it is done."""
+    req = seq.request
+    ended = req.stop.is_end(token)
+    if not ended:
+        seq.generated.append(token)
+        seq.tokens.append(token)
+    done = ended or req.stop.finished(seq.generated) is not None
+    output: EngineOutput | None = None
+    if req.streaming:
+        new = tuple(seq.generated[seq.sent :])
+        seq.sent = len(seq.generated)
+        if new or done:
+            output = output_for(seq, new, now)
+    elif done:
+        body = tuple(seq.generated)
+        if not req.exclude_input_in_output:
+            body = req.input_ids + body
+        output = output_for(seq, body, now)
+    return output, done
