@@ -46,7 +46,10 @@ class Instances:
             for i in range(int(group.get("count", 1)))
         ]
         pid = os.getppid() if server_pid is None else server_pid
-        address = lambda name: f"disagg-{pid}-{model}-{name}"  # noqa: E731
+
+        def address(name: str) -> str:
+            return f"disagg-{pid}-{model}-{name}"
+
         return cls(address(own), tuple(address(n) for n in names if n != own))
 
 
@@ -62,6 +65,22 @@ class SiblingStops:
         self._sock.bind("\0" + instances.own)
         self._sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def for_model(
+        cls, args: Mapping[str, Any], on_stop: Callable[[str], object], warn: Callable[[str], None]
+    ) -> "SiblingStops | None":
+        """For a model instance (python backend `initialize` args): None when it has no
+        siblings, or when its name cannot be bound (e.g. still held by this instance's dying
+        predecessor; then `warn` says that forwarded stops will not arrive here)."""
+        instances = Instances.of(args)
+        if not instances.siblings:
+            return None
+        try:
+            return cls(instances, on_stop)
+        except OSError as exc:
+            warn(f"stop=true will not reach sibling instances from here: {exc}")
+            return None
 
     def start(self) -> None:
         """On the instance's event loop: read forwarded stops there."""

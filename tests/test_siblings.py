@@ -58,3 +58,17 @@ def test_a_sibling_that_is_not_there_is_skipped() -> None:
         assert node.forward("req-1") == 0  # orchestrator_0_1 never bound its socket
     finally:
         node.close()
+
+
+def test_a_single_instance_gets_no_sibling_stops_and_a_taken_name_is_reported() -> None:
+    warned: list[str] = []
+    assert SiblingStops.for_model(args("orchestrator_0_0", count=1), lambda rid: None, warned.append) is None
+    pid_args = args("orchestrator_0_0", count=2)
+    first = SiblingStops.for_model(pid_args, lambda rid: None, warned.append)
+    try:
+        assert first is not None and warned == []
+        assert SiblingStops.for_model(pid_args, lambda rid: None, warned.append) is None  # same name, still bound
+        assert len(warned) == 1 and "will not reach sibling instances" in warned[0]
+    finally:
+        assert first is not None
+        first.close()

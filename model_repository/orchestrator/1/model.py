@@ -27,7 +27,7 @@ from orchestrator.outbox import Outbox  # noqa: E402
 from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 from orchestrator.self_endpoint import loopback_address  # noqa: E402
-from orchestrator.siblings import Instances, SiblingStops  # noqa: E402
+from orchestrator.siblings import SiblingStops  # noqa: E402
 from orchestrator.stub_fence import StubFence  # noqa: E402
 from orchestrator.supervisor import sibling_stub_deaths  # noqa: E402
 from orchestrator.watchdog import StuckExit  # noqa: E402
@@ -66,24 +66,14 @@ class TritonPythonModel:
         )
         self.loop = LoopThread("orchestrator-loop")
         self.loop.call(self.gauges.ensure_started)
-        self.siblings = self._sibling_stops(args, log)
+        # With several instances, a stop=true for a request another instance holds goes there.
+        self.siblings = SiblingStops.for_model(args, self.orchestrator.end_for_sibling, pb_utils.Logger.log_warn)
+        if self.siblings is not None:
+            self.orchestrator.forward_stop = self.siblings.forward
+            self.loop.call(self.siblings.start)
         self.watchdog = StuckExit(config.stuck_exit_s) if config.stuck_exit_s > 0 else None
         if self.watchdog is not None:
             self.loop.call(self.watchdog.start)
-
-    def _sibling_stops(self, args, log):
-        """With several instances, a stop=true for a request held by another one goes there."""
-        instances = Instances.of(args)
-        if not instances.siblings:
-            return None
-        try:
-            siblings = SiblingStops(instances, self.orchestrator.end_for_sibling)
-        except OSError as exc:  # e.g. the name is still held by this instance's dying predecessor
-            pb_utils.Logger.log_warn(f"stop=true will not reach sibling instances from here: {exc}")
-            return None
-        self.orchestrator.forward_stop = siblings.forward
-        self.loop.call(siblings.start)
-        return siblings
 
     def execute(self, requests):
         self.loop.call(self._serve, requests)
