@@ -10,7 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from scripts.soak import Outcome, Plan, check_outcomes, expected_gauges, references, run_soak, wait_gauges_zero
+from scripts.soak import run_soak
+from scripts.soak_checks import Outcome, check_outcomes, expected_gauges, references, wait_gauges_zero
+from scripts.soak_plan import Plan
 
 
 @pytest.mark.timeout(300)
