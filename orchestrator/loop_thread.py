@@ -7,7 +7,8 @@ under load on a busy machine, the stub process has crashed (heap corruption, SIG
 triton-inference-server/server#8537, #8841, #8882). So our models keep a plain `execute`
 that hands each batch of requests to this loop and returns: the stub's async machinery
 is never used. Decoupled models may answer from any thread (the python backend's own
-decoupled examples do), and every send of a model happens on this one thread.
+decoupled examples do): our responses leave from an outbox's sender thread
+(orchestrator/outbox.py), everything else a model does happens on this one thread.
 """
 
 from __future__ import annotations

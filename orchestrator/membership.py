@@ -6,8 +6,8 @@ backend's event loop exists from then on):
 - every `pool_poll_s`, if `pool_file` is set and its mtime or size changed, re-read it and
   apply it (`Router.update_pools`); a broken file is logged and ignored, so a half-written
   edit never empties a pool;
-- every `health_check_s`, ask each engine whether it is ready (BLS: `pb_utils.is_model_ready`,
-  remote: gRPC `ModelReady`); a not-ready engine (unloaded, still loading, server down) is
+- every `health_check_s`, ask each engine whether it is ready (gRPC `ModelReady`; local
+  engines over loopback, or BLS `pb_utils.is_model_ready` without one: orchestrator/dispatch.py); a not-ready engine (unloaded, still loading, server down) is
   skipped until it answers ready again; one that comes back ready is re-admitted at once
   (its circuit breaker closes: a reloaded engine is a new engine);
 - with the same period, if `stub_deaths` is given (local engines: `orchestrator.supervisor`

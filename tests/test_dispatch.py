@@ -30,6 +30,7 @@ class _Recorder:
         yield EngineReply(tensors={})
 
     async def is_ready(self, engine: str) -> bool:
+        self.engines.append(f"ready? {engine}")
         return True
 
 
@@ -76,6 +77,18 @@ def test_without_loopback_every_local_request_uses_bls() -> None:
     client = EndpointClient(local, remote_factory=lambda: remote)
     _route(client, "generation_0", STREAMING, {"request_type": "generation_only"})
     assert local.engines == ["generation_0"] and remote.engines == []
+
+
+def test_readiness_probes_of_local_engines_go_over_loopback_grpc_when_there_is_one() -> None:
+    """A BLS is_model_ready in flight while the server shuts down aborts Triton 2.51."""
+    local, remote = _Recorder(), _Recorder()
+    client = EndpointClient(local, remote_factory=lambda: remote, loopback="127.0.0.1:8101")
+    asyncio.run(client.is_ready("context_0"))
+    asyncio.run(client.is_ready("grpc://10.0.0.9:8001/generation_2"))
+    assert remote.engines == ["ready? grpc://127.0.0.1:8101/context_0", "ready? grpc://10.0.0.9:8001/generation_2"]
+    bls_only, unused = _Recorder(), _Recorder()
+    asyncio.run(EndpointClient(bls_only, remote_factory=lambda: unused).is_ready("context_0"))
+    assert bls_only.engines == ["ready? context_0"] and unused.engines == []
 
 
 @pytest.mark.parametrize(
