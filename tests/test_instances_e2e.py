@@ -27,19 +27,33 @@ from scripts.repository import FRONTEND_MODELS, ModelSpec, derive, set_instance_
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
 INSTANCES = 2
-LONG = 3000  # tokens: far longer than the test waits, so only a stop can end it
+LONG = 3000  # tokens: at SLOW_STEP_MS a step, longer than the stop test can wait, so only a stop ends it
+SLOW_STEP_MS = 20
 STOPS = "disagg_orchestrator_stops_total"
+
+
+def two_instance_server(repo: Path, engine: dict[str, str]) -> TritonServer:
+    engines = {m: ModelSpec(m, engine) for m in ("context_0", "context_1", "generation_0", "generation_1")}
+    derive(repo, {**{m: ModelSpec(m) for m in FRONTEND_MODELS}, **engines})
+    for model in ("orchestrator", "postprocessing"):
+        config = repo / model / "config.pbtxt"
+        config.write_text(set_instance_count(config.read_text(), INSTANCES))
+    return TritonServer(model_repository=repo)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repo = tmp_path_factory.mktemp("instances_repository")
-    engines = {m: ModelSpec(m, ZERO_COST) for m in ("context_0", "context_1", "generation_0", "generation_1")}
-    derive(repo, {**{m: ModelSpec(m) for m in FRONTEND_MODELS}, **engines})  # free engines: deltas back to back
-    for model in ("orchestrator", "postprocessing"):
-        config = repo / model / "config.pbtxt"
-        config.write_text(set_instance_count(config.read_text(), INSTANCES))
-    with TritonServer(model_repository=Path(repo)) as srv:
+    """Free engines: a stream's deltas come back to back, the hardest case for ordering."""
+    with two_instance_server(tmp_path_factory.mktemp("instances_repository"), ZERO_COST) as srv:
+        yield srv
+
+
+@pytest.fixture
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """Engines that take SLOW_STEP_MS per decode step: a LONG stream cannot end on its own
+    while the stop test runs (free engines finish 8 of them in about 4 s, a race with the stops)."""
+    engine = {**ZERO_COST, "decode_ms_per_step": str(SLOW_STEP_MS)}
+    with two_instance_server(tmp_path_factory.mktemp("slow_instances_repository"), engine) as srv:
         yield srv
 
 
@@ -79,27 +93,27 @@ def test_streams_stay_in_order_and_exact_through_two_postprocessing_instances(se
     assert wait_released(server.metrics_url, 10) == {}
 
 
-def test_a_stop_reaches_its_request_on_whichever_instance_runs_it(server: TritonServer) -> None:
+def test_a_stop_reaches_its_request_on_whichever_instance_runs_it(slow_server: TritonServer) -> None:
     """Eight long streams spread over the instances; each one's stop=true lands on any
     instance: every stream ends with its empty final response, and some stops had to be
     forwarded to the sibling that held the request."""
-    before = samples(server.metrics_url)
+    before = samples(slow_server.metrics_url)
     victims = [f"victim-{i}" for i in range(8)]
     finals: dict[str, Any] = {}
 
     def victim(rid: str) -> None:
-        finals[rid] = list(generate(server.grpc_url, "the cat sat on the mat and the", LONG, stream=True, request_id=rid))[-1]
+        finals[rid] = list(generate(slow_server.grpc_url, "the cat sat on the mat and the", LONG, stream=True, request_id=rid))[-1]
 
     threads = [threading.Thread(target=victim, args=(rid,)) for rid in victims]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
-    while sum(instance_gauges(server).values()) < len(victims):
-        assert time.monotonic() < deadline, instance_gauges(server)
+    while sum(instance_gauges(slow_server).values()) < len(victims):
+        assert time.monotonic() < deadline, instance_gauges(slow_server)
         time.sleep(0.05)
-    spread = instance_gauges(server)
+    spread = instance_gauges(slow_server)
     for rid in victims:
-        (ack,) = generate(server.grpc_url, "", 1, stream=False, request_id=rid, stop=True)
+        (ack,) = generate(slow_server.grpc_url, "", 1, stream=False, request_id=rid, stop=True)
         assert ack.final and ack.text == ""
     for thread in threads:
         thread.join(30)
@@ -108,10 +122,10 @@ def test_a_stop_reaches_its_request_on_whichever_instance_runs_it(server: Triton
     def counted(s: list, **labels: str) -> float:
         return total(s, STOPS, **labels) - total(before, STOPS, **labels)
 
-    after = samples_until(server.metrics_url, lambda s: counted(s, found="true") >= len(victims))
+    after = samples_until(slow_server.metrics_url, lambda s: counted(s, found="true") >= len(victims))
     assert counted(after, found="true") == len(victims)  # each stop ended its request exactly once
     if min(spread.values()) > 0:  # requests ran on both instances: not every stop found its own
         assert counted(after, where="from_sibling", found="true") >= 1, (spread, after)
     assert counted(after, where="forwarded") == counted(after, where="from_sibling")
-    assert wait_released(server.metrics_url, 10) == {}
-    assert held(server.metrics_url) == {}
+    assert wait_released(slow_server.metrics_url, 10) == {}
+    assert held(slow_server.metrics_url) == {}
