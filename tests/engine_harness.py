@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from orchestrator.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.core import EngineCore
+from orchestrator.engine.kv_auth import KeyRing
 from orchestrator.errors import RequestError
 from orchestrator.stopping import StopCondition
 from orchestrator.tokenizer import WORDS, BuiltinTokenizer
@@ -169,10 +170,14 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def new_core(name: str = "engine", transport: Any = None, **config: Any) -> EngineCore:
+TEST_KEYS = KeyRing.parse("engine-harness-secret-0001", "the test harness")
+"""The deployment secret of the harness's engines (a real deployment reads its own)."""
+
+
+def new_core(name: str = "engine", transport: Any = None, keys: KeyRing = TEST_KEYS, **config: Any) -> EngineCore:
     """A zero-cost engine (registered with `run` for the leak check and shutdown)."""
     settings: dict[str, Any] = {"kv_lease_timeout_s": 0.5, **config}
-    core = EngineCore(name, EngineConfig.free(**settings), transport=transport)
+    core = EngineCore(name, EngineConfig.free(**settings), transport=transport, keys=keys)
     _CORES.append(core)
     return core
 

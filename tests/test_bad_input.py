@@ -201,15 +201,19 @@ def test_bad_context_phase_params_are_invalid_arg(server: TritonServer, kind: st
     assert call(server, "context_0", token_request(stop=np.array([[True]])), "blob-source:ctx").error is None
 
 
-def test_stale_context_phase_params_are_not_found(server: TritonServer) -> None:
-    """A blob whose KV was already pulled: the lease is gone (NOT_FOUND; the orchestrator
-    would re-run the context phase, a direct client sees the code)."""
+def test_used_context_phase_params_are_a_replay_or_not_found(server: TritonServer) -> None:
+    """A blob whose KV was already pulled: the engine that pulled it refuses it as a replay
+    (INVALID_ARG, before any connection); another engine finds the lease gone (NOT_FOUND; the
+    orchestrator would re-run the context phase, a direct client sees the code)."""
     blob = _blob(server, "context_1")
     first = call(server, "generation_0", token_request(context_phase_params=blob), "stale-1:gen", GEN)
     assert first.error is None
     again = call(server, "generation_0", token_request(context_phase_params=blob), "stale-2:gen", GEN)
-    assert again.error is not None and again.error.message().startswith("NOT_FOUND: ")
-    assert "no such lease" in again.error.message()
+    assert again.error is not None and again.error.message().startswith("INVALID_ARG: ")
+    assert "replay" in again.error.message()
+    elsewhere = call(server, "generation_1", token_request(context_phase_params=blob), "stale-3:gen", GEN)
+    assert elsewhere.error is not None and elsewhere.error.message().startswith("NOT_FOUND: ")
+    assert "no such lease" in elsewhere.error.message()
 
 
 def test_duplicate_in_flight_request_id_is_already_exists(server: TritonServer) -> None:

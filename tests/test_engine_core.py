@@ -8,7 +8,6 @@ KV-cache, transfer and cost-model behaviour is in `test_engine_kv.py`.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -19,9 +18,11 @@ from hypothesis import strategies as st
 from orchestrator.contract import RequestType, SamplingParams
 from orchestrator.engine.core import EngineCore
 from orchestrator.engine.handoff import MAGIC, Handoff
+from orchestrator.engine.kv_auth import KeyRing
 from orchestrator.engine.kv_layout import Geometry, Layout
 from orchestrator.errors import InvalidInput
 from tests.engine_harness import (
+    TEST_KEYS,
     OTHER_PROMPT,
     PROMPT,
     SAMPLING_SETS,
@@ -54,7 +55,7 @@ def test_context_only_sends_one_final_output_with_first_token_and_blob() -> None
             (out,) = sink.outputs
             assert out.tokens == reference[:1]
             assert out.context_phase_params is not None
-            handoff = Handoff.decode(out.context_phase_params)
+            handoff = Handoff.decode(out.context_phase_params, TEST_KEYS)
             assert handoff.first_token == reference[0] and handoff.source_engine == "engine"
         assert core.active == 0
 
@@ -258,16 +259,17 @@ def test_handoff_round_trip(
         request_id=rid, source_engine=src, first_token=first, num_tokens=num, prompt_digest=digest, lease_id=lease,
         layout=Layout(tp, pp), port=port, host=host,
     )  # fmt: skip
-    assert Handoff.decode(h.encode()) == h
+    assert replace(Handoff.decode(h.encode(TEST_KEYS), TEST_KEYS), mac=b"") == h
 
 
 def _sealed(body: bytes) -> bytes:
-    """A body with a correct crc32 appended, so only the structural checks can fail."""
-    return body + struct.pack("<I", zlib.crc32(body))
+    """A body with a valid signature appended, so only the structural checks can fail."""
+    return body + TEST_KEYS.sign(b"handoff", body)
 
 
-_GOOD = _handoff().encode()
-_FIXED_END = len(MAGIC) + struct.calcsize("<iIQQHHHIHHH")
+_GOOD = _handoff().encode(TEST_KEYS)
+_FIXED_END = len(MAGIC) + struct.calcsize("<iIQQQHHHIHHH")
+_BLOCK_SIZE_AT = len(MAGIC) + struct.calcsize("<iIQQQHHH")
 
 
 @pytest.mark.parametrize(
@@ -275,23 +277,24 @@ _FIXED_END = len(MAGIC) + struct.calcsize("<iIQQHHHIHHH")
     [
         (b"", "bad magic"),
         (b"DKV", "bad magic"),
-        (b"DKV1" + _GOOD[4:], "bad magic"),  # the previous version's magic
-        (MAGIC + b"\0\0\0", "bad magic"),  # shorter than magic + crc
-        (_flip(_GOOD, 9), "checksum"),
-        (_GOOD[:-1], "checksum"),
+        (b"DKV2" + _GOOD[4:], "bad magic"),  # the previous version's magic
+        (MAGIC + b"\0" * 31, "bad magic"),  # shorter than magic + MAC
+        (_flip(_GOOD, 9), "not signed"),
+        (_GOOD[:-1], "not signed"),
+        (_handoff().encode(KeyRing.parse("another-deployment-secret", "t")), "not signed"),
         (_sealed(MAGIC), "malformed"),
         (_sealed(_GOOD[:_FIXED_END] + struct.pack("<H", 50) + b"r"), "malformed"),
         (_sealed(_GOOD[:_FIXED_END] + struct.pack("<H", 2) + b"\xff\xfe" + b"\0" * 8), "malformed"),
-        (_sealed(_GOOD[:-4] + b"x"), "malformed"),
-        (_sealed(_GOOD[: len(MAGIC) + 30] + struct.pack("<I", 0) + _GOOD[len(MAGIC) + 34 : -4]), "malformed"),
+        (_sealed(_GOOD[:-32] + b"x"), "malformed"),
+        (_sealed(_GOOD[:_BLOCK_SIZE_AT] + struct.pack("<I", 0) + _GOOD[_BLOCK_SIZE_AT + 4 : -32]), "malformed"),
     ],
-    ids=["empty", "short", "old-magic", "no-room-for-crc", "flipped", "truncated", "no-header", "id-overruns",
-         "bad-utf8", "trailing-bytes", "zero-block-size"],
+    ids=["empty", "short", "old-magic", "no-room-for-mac", "flipped", "truncated", "other-secret", "no-header",
+         "id-overruns", "bad-utf8", "trailing-bytes", "zero-block-size"],
 )  # fmt: skip
 def test_handoff_decode_failures_say_which_check_failed(blob: bytes, message: str) -> None:
     """Each decode failure is a ValueError naming context_phase_params and the failed check."""
     with pytest.raises(ValueError) as info:
-        Handoff.decode(blob)
+        Handoff.decode(blob, TEST_KEYS)
     assert "context_phase_params" in str(info.value)
     assert message in str(info.value)
 

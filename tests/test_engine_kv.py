@@ -20,6 +20,8 @@ from orchestrator.engine.handoff import Handoff
 from orchestrator.engine.transfer import KVTransport, TcpTransport, make_transport
 from orchestrator.errors import ErrorCode, InvalidInput
 from tests.engine_harness import (
+    TEST_KEYS,
+    RecordingSink,
     PROMPT,
     SAMPLING_SETS,
     complete,
@@ -101,7 +103,7 @@ def test_corrupted_transfer_changes_the_output(how: str) -> None:
 
     async def body() -> None:
         agg, ctx = new_core("agg", tokens_per_block=4), new_core("ctx", tokens_per_block=4)
-        gen = new_core("gen", tokens_per_block=4, transport=CorruptingTransport(TcpTransport(), how))
+        gen = new_core("gen", tokens_per_block=4, transport=CorruptingTransport(TcpTransport(TEST_KEYS), how))
         checked = [ids for ids in prompts(20) if len(ids) >= 5]  # "order" needs two blocks to reverse
         differ = 0
         for i, ids in enumerate(checked):
@@ -134,14 +136,18 @@ def test_unpulled_lease_expires_and_frees_its_blocks() -> None:
 
 
 def test_a_lease_is_pulled_once() -> None:
-    """The second generation request for the same handoff is refused (the blocks are gone)."""
+    """The same handoff again: the engine that pulled it refuses it at submit as a replay
+    (before any connection); another engine's pull finds the lease gone (NOT_FOUND)."""
 
     async def body() -> None:
-        ctx, gen = new_core("ctx"), new_core("gen")
+        ctx, gen, other = new_core("ctx"), new_core("gen"), new_core("other")
         _, blob = await context_blob(ctx, request(PROMPT))
         req = request(PROMPT, request_type=RequestType.GENERATION_ONLY, blob=blob)
         await complete(gen, req)
-        again = await submit(gen, req)
+        with pytest.raises(InvalidInput, match="replay"):
+            gen.submit(req, RecordingSink(gen, "again"))
+        assert gen.active == 0
+        again = await submit(other, req)
         await again.done.wait()
         assert again.assert_failed().code is ErrorCode.NOT_FOUND
 
@@ -239,7 +245,7 @@ def test_cancelled_request_ends_cancelled_and_frees_its_blocks(where: str) -> No
     """A client that goes away gets CANCELLED wherever its request is; run() checks the blocks."""
 
     async def body() -> None:
-        gated = GatedTransport(TcpTransport())
+        gated = GatedTransport(TcpTransport(TEST_KEYS))
         core = new_core("gen", tokens_per_block=4, max_tokens_in_paged_kv_cache=32, transport=gated)
         ctx = new_core("ctx", tokens_per_block=4)
         blocker = await submit(core, request(tuple(range(10, 22)), rid="blocker", max_tokens=16, streaming=True))
@@ -314,7 +320,7 @@ def test_generation_engine_keeps_decoding_while_a_transfer_is_in_flight() -> Non
     """A pull in progress does not stop the running batch: its tokens keep coming."""
 
     async def body() -> None:
-        gated = GatedTransport(TcpTransport())
+        gated = GatedTransport(TcpTransport(TEST_KEYS))
         ctx, gen = new_core("ctx"), new_core("gen", transport=gated)
         runner = await submit(gen, request(PROMPT, rid="run", max_tokens=40, streaming=True))
         await runner.first.wait()
@@ -374,6 +380,6 @@ def test_engine_parameters_parse_and_ignore_foreign_keys() -> None:
         {"enable_kv_cache_reuse": "false", "kv_transport": "tcp", "tensor_parallel_size": "2", "gpt_model_type": "inflight_fused_batching"}
     )
     assert (c.enable_kv_cache_reuse, c.kv_transport, c.tensor_parallel_size) == (False, "tcp", 2)
-    assert make_transport("shm").name == "shm"
+    assert make_transport("shm", TEST_KEYS).name == "shm"
     with pytest.raises(ValueError, match="kv_transport"):
-        make_transport("nixl")
+        make_transport("nixl", TEST_KEYS)

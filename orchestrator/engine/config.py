@@ -17,6 +17,12 @@ KV cache (`kv_cache.py`, `block_pool.py`):
 - `kv_lease_timeout_s` (30): how long a context engine keeps an unpulled prefill.
 - `kv_transport` (auto | tcp | shm) and `kv_transfer_host` (127.0.0.1): how this engine
   pulls KV, and the address its own transfer server listens on and advertises.
+- `kv_secret_file` (""), `kv_secret_env` (DISAGG_KV_SECRET): where the deployment secret
+  that signs handoffs and authenticates KV pulls is read (`kv_auth.py`): the file, else
+  that environment variable, else a key of this tritonserver's engines alone.
+- `kv_peer_hosts` (127.0.0.0/8,::1,localhost): the hosts (addresses, CIDR networks, names,
+  `*` for any) whose transfer servers this engine pulls KV from; its own
+  `kv_transfer_host` is always allowed.
 - `tensor_parallel_size`, `pipeline_parallel_size` (1, 1): the simulated layout of the
   KV blocks (must divide the model's 4 heads / 4 layers).
 - `cancel_check_ms` (50): how often the loop asks whether clients cancelled; each check is
@@ -82,6 +88,9 @@ class EngineConfig:
     kv_lease_timeout_s: float = 30.0
     kv_transport: str = "auto"
     kv_transfer_host: str = "127.0.0.1"
+    kv_secret_file: str = ""
+    kv_secret_env: str = "DISAGG_KV_SECRET"
+    kv_peer_hosts: str = "127.0.0.0/8,::1,localhost"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     cancel_check_ms: float = 50.0

@@ -37,6 +37,7 @@ from orchestrator.engine.block_pool import BlockPool
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.faults import chosen_fault
 from orchestrator.engine.handoff import Handoff, check_handoff
+from orchestrator.engine.kv_auth import KeyRing, PeerHosts, PulledHandoffs
 from orchestrator.engine.kv_cache import Allocation, KVCacheManager
 from orchestrator.engine.kv_layout import convert
 from orchestrator.engine.kv_store import KVStore
@@ -62,8 +63,12 @@ class EngineCore:
         transport: KVTransport | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         telemetry: Telemetry | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.name = name
+        self.keys = keys or KeyRing.load(config.kv_secret_file, config.kv_secret_env)
+        self.peers = PeerHosts(config.kv_peer_hosts, config.kv_transfer_host)
+        self.pulled = PulledHandoffs()
         self.telemetry = telemetry or Telemetry(MemoryRegistry(ENGINE_SPECS), deferred=False)
         self.config = config
         self.geometry = config.geometry
@@ -71,8 +76,8 @@ class EngineCore:
         self.store = KVStore(self.geometry, config.layout, config.num_kv_blocks, shared=True, label=name)
         self.kv = KVCacheManager(BlockPool(config.num_kv_blocks), config.tokens_per_block, config.enable_kv_cache_reuse)
         self.leases = LeaseTable(self.kv, config.kv_lease_timeout_s, on_release=self._wake)
-        self.server = TransferServer(self.store, self.leases, config.kv_transfer_host)
-        self.transport = transport or make_transport(config.kv_transport)
+        self.server = TransferServer(self.store, self.leases, self.keys, config.kv_transfer_host)
+        self.transport = transport or make_transport(config.kv_transport, self.keys)
         self._host_id = host_id()
         self._clock_ns = clock_ns
         self._waiting: deque[EngineSequence] = deque()
@@ -144,7 +149,7 @@ class EngineCore:
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
         seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault)
         if request.request_type is RequestType.GENERATION_ONLY:
-            seq.handoff = check_handoff(request, self.geometry)
+            seq.handoff = check_handoff(request, self.geometry, self.keys, self.peers, self.pulled, self._clock_ns())
         if fault in ("hang", "stall"):
             self._stalled.append(seq)
             self._ensure_loop()  # its cancellation poll ends the stalled request
@@ -330,6 +335,7 @@ class EngineCore:
             kv.length = handoff.num_tokens
             self.model.reindex(self.store, kv)
             self.kv.commit(alloc, seq.tokens)
+            self.pulled.add(handoff.mac, handoff.expires_ns, self._clock_ns())
             pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
             await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (time.perf_counter() - started)))
             engine = {"engine": self.name}
@@ -432,7 +438,8 @@ class EngineCore:
                 prompt_digest=prompt_digest(req.input_ids), lease_id=lease, geometry=self.geometry,
                 layout=self.config.layout, host=self.config.kv_transfer_host, port=self.server.port,
                 host_id=self._host_id, shm_name=self.store.shm_name,
-            ).encode()  # fmt: skip
+                expires_ns=now + int(self.config.kv_lease_timeout_s * 1e9),
+            ).encode(self.keys)  # fmt: skip
         output = output_for(seq, tokens, now, context_phase_params=blob)
         self._finish(seq)
         self._deliver(seq, output, final=True)

@@ -5,29 +5,32 @@ likewise opaque and version-tied). It does not carry the KV cache: it says where
 it from (the context engine's transfer server and the lease holding the blocks) and what
 the blocks look like (model geometry, parallel layout). Layout, little-endian:
 
-    magic b"DKV2"
-    i32 first token | u32 prompt tokens | u64 prompt digest | u64 lease id
+    magic b"DKV3"
+    i32 first token | u32 prompt tokens | u64 prompt digest | u64 lease id | u64 expiry (unix ns)
     u16 layers | u16 heads | u16 head_dim | u32 tokens_per_block | u16 tp | u16 pp | u16 port
     5 x (u16 length + utf-8): request id, source engine, host, host id, shm name
-    u32 crc32 of everything before
+    32 bytes HMAC-SHA256 of everything before, by the deployment secret (`kv_auth.py`)
 
-A forged, truncated or mismatched blob fails `decode` with a ValueError that says which
-check failed, so a damaged handoff can never silently produce output.
+A blob not signed by this deployment's engines (forged, altered, truncated, another
+deployment's) fails `decode` before any field is read; `check_handoff` also refuses an
+expired blob, one this engine pulled already (a replay), one naming a host outside
+`kv_peer_hosts`, and one for another prompt or KV geometry: all before any connection.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 from orchestrator.contract import EngineRequest
 from orchestrator.engine.block_hash import prompt_digest
+from orchestrator.engine.kv_auth import CLOCK_SKEW_S, MAC_LEN, KeyRing, PeerHosts, PulledHandoffs
 from orchestrator.engine.kv_layout import Geometry, Layout
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import EngineUnavailable, InvalidInput, KVCacheGone
 
-MAGIC = b"DKV2"
-_FIXED = struct.Struct("<iIQQHHHIHHH")
+MAGIC = b"DKV3"
+_LABEL = b"handoff"
+_FIXED = struct.Struct("<iIQQQHHHIHHH")
 _STRINGS = ("request_id", "source_engine", "host", "host_id", "shm_name")
 
 
@@ -47,13 +50,15 @@ class Handoff:
     port: int
     host_id: str
     shm_name: str = ""
+    expires_ns: int = 0
+    mac: bytes = b""  # set by decode: the blob's signature, which identifies it
 
-    def encode(self) -> bytes:
+    def encode(self, keys: KeyRing) -> bytes:
         g = self.geometry
         parts = [
             MAGIC,
             _FIXED.pack(
-                self.first_token, self.num_tokens, self.prompt_digest, self.lease_id,
+                self.first_token, self.num_tokens, self.prompt_digest, self.lease_id, self.expires_ns,
                 g.layers, g.heads, g.head_dim, g.tokens_per_block, self.layout.tp, self.layout.pp, self.port,
             ),
         ]  # fmt: skip
@@ -61,18 +66,22 @@ class Handoff:
             raw = getattr(self, name).encode()
             parts += [struct.pack("<H", len(raw)), raw]
         body = b"".join(parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+        return body + keys.sign(_LABEL, body)
 
     @classmethod
-    def decode(cls, blob: bytes) -> "Handoff":
-        if len(blob) < len(MAGIC) + 4 or blob[: len(MAGIC)] != MAGIC:
-            raise ValueError("context_phase_params is not a handoff of this engine version (bad magic)")
-        body, (crc,) = blob[:-4], struct.unpack("<I", blob[-4:])
-        if zlib.crc32(body) != crc:
-            raise ValueError("context_phase_params failed its checksum (truncated or altered)")
+    def decode(cls, blob: bytes, keys: KeyRing) -> "Handoff":
+        """The handoff in `blob` once its signature verifies; ValueError says what failed."""
+        if len(blob) < len(MAGIC) + MAC_LEN or blob[: len(MAGIC)] != MAGIC:
+            raise ValueError("context_phase_params is not a handoff of this engine version (bad magic or too short)")
+        body, mac = blob[:-MAC_LEN], blob[-MAC_LEN:]
+        if not keys.verify(mac, _LABEL, body):
+            raise ValueError(
+                "context_phase_params is not signed by this deployment's engines (forged, altered, or signed "
+                f"with another secret: engines of one deployment need the same DISAGG_KV_SECRET; this one uses {keys.source})"
+            )
         try:
             pos = len(MAGIC)
-            first, ntok, digest, lease, layers, heads, dim, tpb, tp, pp, port = _FIXED.unpack_from(body, pos)
+            first, ntok, digest, lease, expires, layers, heads, dim, tpb, tp, pp, port = _FIXED.unpack_from(body, pos)
             pos += _FIXED.size
             strings: dict[str, str] = {}
             for name in _STRINGS:
@@ -89,19 +98,32 @@ class Handoff:
             raise ValueError(f"context_phase_params is malformed: {exc}") from None
         return cls(
             first_token=first, num_tokens=ntok, prompt_digest=digest, lease_id=lease, geometry=geometry,
-            layout=Layout(tp, pp), port=port, **strings,
+            layout=Layout(tp, pp), port=port, expires_ns=expires, mac=mac, **strings,
         )  # fmt: skip
 
 
-def check_handoff(request: EngineRequest, geometry: Geometry) -> Handoff:
-    """The request's context_phase_params, decoded and checked against its prompt and this
-    engine's KV geometry; InvalidInput says what does not match."""
+def check_handoff(
+    request: EngineRequest, geometry: Geometry, keys: KeyRing, peers: PeerHosts, pulled: PulledHandoffs, now_ns: int
+) -> Handoff:
+    """The request's context_phase_params, verified (signature, expiry, not pulled here
+    before, a permitted host) and checked against its prompt and this engine's KV geometry.
+    Nothing here opens a connection; each refusal is a typed error that says why."""
     if request.context_phase_params is None:
         raise InvalidInput("a generation_only request needs the context_phase_params of its context phase")
     try:
-        handoff = Handoff.decode(request.context_phase_params)
+        handoff = Handoff.decode(request.context_phase_params, keys)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+    if handoff.mac in pulled:
+        raise InvalidInput("context_phase_params were used already: this engine pulled that KV cache before (a replay)")
+    if now_ns > handoff.expires_ns + CLOCK_SKEW_S * 1e9:
+        late_s = (now_ns - handoff.expires_ns) / 1e9
+        raise KVCacheGone(f"context_phase_params expired {late_s:.1f}s ago: engine '{handoff.source_engine}' has let its KV lease go")
+    if not peers.allows(handoff.host):
+        raise EngineUnavailable(
+            f"context engine '{handoff.source_engine}' serves KV on {handoff.host}, which this engine's kv_peer_hosts "
+            f"({peers.spec!r}) does not list: add that host or network to the generation engines' kv_peer_hosts"
+        )
     if handoff.num_tokens != len(request.input_ids) or handoff.prompt_digest != prompt_digest(request.input_ids):
         raise InvalidInput("context_phase_params belong to a different prompt than this request's input_ids")
     if handoff.geometry != geometry:

@@ -23,6 +23,13 @@ from orchestrator.engine.kv_layout import DTYPE, Geometry, Layout
 
 SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"^dkv_.*_(\d+)_[0-9a-f]{8}$")
+_STRICT_NAME = re.compile(r"^dkv_[A-Za-z0-9_.-]{0,200}_[0-9]+_[0-9a-f]{8}\Z")
+
+
+def is_store_name(name: str) -> bool:
+    """Whether `name` is a segment name a KV store of ours would have (and nothing else:
+    no path separators), so a peer cannot point an engine at another shared segment."""
+    return _STRICT_NAME.match(name) is not None
 
 
 def remove_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
@@ -55,7 +62,7 @@ class KVStore:
         if shared:
             remove_orphans()
             nbytes = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
-            safe = "".join(c if c.isalnum() else "_" for c in label)[:40]
+            safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in label)[:40]
             self._shm = shared_memory.SharedMemory(create=True, size=nbytes, name=f"dkv_{safe}_{os.getpid()}_{secrets.token_hex(4)}")
             _CREATED.add(self._shm.name)
             self.array = np.ndarray(shape, dtype=DTYPE, buffer=self._shm.buf)
