@@ -1,4 +1,5 @@
-"""Kubernetes manifests for a deployment: one Deployment + Service per server, one ConfigMap.
+"""Kubernetes manifests for a deployment: one Deployment + Service per server, one ConfigMap,
+one Secret.
 
 The ConfigMap carries the deployment file itself, with each server's host replaced by its
 Service name, so every pod builds its own model repository at start-up
@@ -9,6 +10,11 @@ ensemble succeeds (Triton's own liveness stays green when a python stub has died
 engine servers while `/v2/health/live` answers. Stub engines serve their KV leases on
 the pod's IP (`--kv-transfer-host "$POD_IP"`, from the downward API). A pod with real engines
 requests one GPU per distinct `gpu_device_ids` entry of its server.
+
+The Secret holds what every server must share (orchestrator/access.py): `kv-secret` (signs
+KV handoffs between engines) and `admin-key` (locks Triton's admin APIs); every container
+gets them as `DISAGG_KV_SECRET` and `DISAGG_ADMIN_KEY`, which its launch script prefers over
+the `secrets.env` its own build wrote.
 """
 
 from __future__ import annotations
@@ -16,13 +22,20 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
+from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV, new_secret
 from orchestrator.deployment import Deployment
 
 CONFIG_PATH = "/etc/disagg"
+# Each secret's environment variable and its key in the Secret.
+SECRET_KEYS = {KV_SECRET_ENV: "kv-secret", ADMIN_KEY_ENV: "admin-key"}
 
 
 def service_name(d: Deployment, server: str) -> str:
     return f"{d.name}-{server}"
+
+
+def secret_name(d: Deployment) -> str:
+    return f"{d.name}-secrets"
 
 
 def in_cluster_file(d: Deployment, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,15 +74,25 @@ def _generate_probe(http_port: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
-    """ConfigMap, then a Deployment and a Service for each server."""
+def manifests(d: Deployment, file_text: str, secrets: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """ConfigMap, Secret, then a Deployment and a Service for each server. `secrets` maps
+    DISAGG_KV_SECRET and DISAGG_ADMIN_KEY to their values; None: new random ones."""
     k = d.kubernetes
     labels = {"app.kubernetes.io/part-of": d.name}
+    values = {env: (secrets or {}).get(env) or new_secret() for env in SECRET_KEYS}
     out: list[dict[str, Any]] = [{
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": f"{d.name}-deployment", "namespace": k.namespace, "labels": labels},
         "data": {"deployment.yaml": file_text},
+    }, {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": secret_name(d), "namespace": k.namespace, "labels": labels},
+        "stringData": {key: values[env] for env, key in SECRET_KEYS.items()},
     }]  # fmt: skip
+    secret_env = [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": secret_name(d), "key": key}}}
+        for env, key in SECRET_KEYS.items()
+    ]
     for server in d.servers:
         name = service_name(d, server.name)
         selector = {**labels, "app.kubernetes.io/name": name}
@@ -83,7 +106,7 @@ def manifests(d: Deployment, file_text: str) -> list[dict[str, Any]]:
             "image": k.image,
             "command": ["bash", "-c", build],
             # stub engines serve KV leases on the pod's own address (known only at run time)
-            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *secret_env],
             "ports": [
                 {"name": "http", "containerPort": server.http_port},
                 {"name": "grpc", "containerPort": server.grpc_port},

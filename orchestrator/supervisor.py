@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 PROC = Path("/proc")
 
@@ -196,19 +196,27 @@ class StubWatch:
 
 
 class RepositoryApi:
-    """Triton's model repository extension over HTTP on loopback (explicit model control)."""
+    """Triton's model repository extension over HTTP on loopback (explicit model control).
 
-    def __init__(self, http_url: str, timeout_s: float = 300.0) -> None:
+    Our servers lock that API behind a header (orchestrator/access.py): `headers` carries it,
+    e.g. `{"admin-key": key}`."""
+
+    def __init__(self, http_url: str, timeout_s: float = 300.0, headers: Mapping[str, str] | None = None) -> None:
         self.base = f"http://{http_url}"
         self.timeout_s = timeout_s
+        self.headers = dict(headers or {})
 
     def _post(self, path: str) -> bytes:
-        request = urllib.request.Request(self.base + path, data=b"{}", method="POST")
+        request = urllib.request.Request(self.base + path, data=b"{}", method="POST", headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
+            body = exc.read().decode(errors="replace")[:300]
+            hint = ""
+            if exc.code == 403:
+                hint = " (the server locks its admin APIs: give RepositoryApi the admin key's header)"
+            raise RuntimeError(f"{path}: HTTP {exc.code}: {body}{hint}") from None
 
     def states(self) -> dict[str, str]:
         """Each model of the repository and its state (READY, UNAVAILABLE, LOADING, ...)."""
@@ -306,11 +314,13 @@ def supervise(
     log: Callable[[str], None],
     tick_s: float = 0.25,
     restart_models: frozenset[str] = frozenset(),
+    headers: Mapping[str, str] | None = None,
 ) -> Iterable[Recovery | RestartServer]:
     """The launcher's loop: watch `server_pid`'s stubs while `running()`; yields each recovery,
-    and ends after yielding a `RestartServer` (the caller replaces the server)."""
+    and ends after yielding a `RestartServer` (the caller replaces the server). `headers` open
+    the server's repository API (its admin key)."""
     watch = StubWatch(server_pid)
-    supervisor = Supervisor(watch, RepositoryApi(http_url), log, restart_models=restart_models)
+    supervisor = Supervisor(watch, RepositoryApi(http_url, headers=headers), log, restart_models=restart_models)
     try:
         while running():
             for event in supervisor.step(tick_s):

@@ -19,6 +19,14 @@ as it is.
 As a command it also supervises the server: tritonserver runs under explicit model
 control (`--load-model=*`, the whole repository) and a model whose python stub process
 dies is unloaded and loaded again (`orchestrator.supervisor`; `--no-supervisor` turns it off).
+
+Every server it starts locks Triton's admin APIs (model-repository, model-config,
+shared-memory, trace, logging) behind the header `admin-key` (gRPC:
+`triton-grpc-protocol-admin-key`; orchestrator/access.py): the key is `$DISAGG_ADMIN_KEY`,
+else a random one; the command writes it to `--admin-key-file` (mode 0600, default
+`.triton/admin-key`). Restricted-API flags of your own after `--` replace ours for their
+protocol. The server's environment gets `DISAGG_KV_SECRET` (`$DISAGG_KV_SECRET`, else a
+random one), which the stub engines sign KV handoffs with.
 """
 
 from __future__ import annotations
@@ -38,12 +46,31 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orchestrator.access import (
+    ADMIN_KEY_ENV,
+    GRPC_FLAG,
+    HTTP_FLAG,
+    KV_SECRET_ENV,
+    RESTRICTED_APIS,
+    check_admin_key,
+    new_secret,
+    required_header,
+    restricting_flags,
+    restriction_flags,
+    write_private,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 # Where the wheel's backend folder is assembled; ignored by git.
 BACKEND_CACHE = REPO_ROOT / ".triton" / "backends"
+# Where the command writes the admin key by default; ignored by git.
+DEFAULT_ADMIN_KEY_FILE = REPO_ROOT / ".triton" / "admin-key"
 
 
 class LaunchError(RuntimeError):
@@ -142,7 +169,13 @@ def server_environment(install: Installation, base: dict[str, str] | None = None
 
 @dataclass
 class TritonServer:
-    """A tritonserver child process on loopback; a context manager that always stops it."""
+    """A tritonserver child process on loopback; a context manager that always stops it.
+
+    Its admin APIs are locked with `admin_key` (None: `$DISAGG_ADMIN_KEY`, else a random key
+    kept for this object's life, so a restarted server keeps it); `admin_headers()` open
+    them. Its stub engines sign KV handoffs with `kv_secret` (None: `$DISAGG_KV_SECRET`, else
+    random): servers that hand KV to each other must be given the same one.
+    """
 
     model_repository: Path = DEFAULT_REPOSITORY
     http_port: int = 0
@@ -151,12 +184,27 @@ class TritonServer:
     extra_args: Sequence[str] = ()
     log_path: Path | None = None
     startup_timeout_s: float = 120.0
+    admin_key: str | None = None
+    kv_secret: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        source = "TritonServer(admin_key=...)"
+        if self.admin_key is None:
+            source, self.admin_key = ADMIN_KEY_ENV, os.environ.get(ADMIN_KEY_ENV) or new_secret()
+        try:
+            check_admin_key(self.admin_key, source)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+        if self.kv_secret is None:
+            self.kv_secret = os.environ.get(KV_SECRET_ENV) or new_secret()
+        if not self.kv_secret.strip(", "):
+            raise LaunchError(
+                "TritonServer(kv_secret=...) is empty: pass a secret, or None ($DISAGG_KV_SECRET, else random)"
+            )
 
     @property
     def http_url(self) -> str:
@@ -169,6 +217,31 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def admin_args(self) -> list[str]:
+        """Our lock on the admin APIs, for each protocol whose lock `extra_args` do not set
+        themselves (Triton refuses to start when one API is named in two flags)."""
+        assert self.admin_key is not None  # set by __post_init__
+        taken = restricting_flags(self.extra_args)
+        return restriction_flags(self.admin_key, [f for f in (HTTP_FLAG, GRPC_FLAG) if f not in taken])
+
+    def admin_headers(
+        self, protocol: Literal["http", "grpc"] = "http", api: str = "model-repository"
+    ) -> dict[str, str]:
+        """The header that opens `api` over `protocol` on this server, as its flags (ours or
+        the caller's) demand it; {} when that API is open. tritonclient takes it as `headers=`."""
+        flag = HTTP_FLAG if protocol == "http" else GRPC_FLAG
+        found = required_header([*self.admin_args(), *self.extra_args], flag, api)
+        return dict([found]) if found else {}
+
+    def environment(self, install: Installation) -> dict[str, str]:
+        """`server_environment` plus the KV secret the stub engines sign handoffs with. The admin
+        key stays out: no model calls the admin APIs (engines are reached by inference only)."""
+        assert self.kv_secret is not None  # set by __post_init__
+        env = server_environment(install)
+        env[KV_SECRET_ENV] = self.kv_secret
+        env.pop(ADMIN_KEY_ENV, None)
+        return env
 
     def command(self, install: Installation) -> list[str]:
         args = [
@@ -188,6 +261,7 @@ class TritonServer:
         ]
         if install.backend_directory is not None:
             args.append(f"--backend-directory={install.backend_directory}")
+        args.extend(self.admin_args())
         args.extend(self.extra_args)
         return args
 
@@ -203,7 +277,7 @@ class TritonServer:
             self.command(install),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_environment(install),
+            env=self.environment(install),
             start_new_session=True,  # stop() signals the whole group, stubs included
         )
         try:
@@ -295,13 +369,16 @@ def run_supervised(
     its exit timeout for the stranded requests), its stubs' shared memory removed (the
     stubs end themselves when their server is gone), the same command started again.
     SIGINT/SIGTERM to this process go on to the server (its graceful shutdown); the exit code
-    is the server's. The logic is `orchestrator.supervisor`; this is only its loop.
+    is the server's. The repository API is called with the header that `command`'s
+    restricted-API flags demand (the admin key). The logic is `orchestrator.supervisor`;
+    this is only its loop.
     """
-    sys.path.insert(0, str(REPO_ROOT))
     from orchestrator.supervisor import RestartServer, shm_regions, supervise  # noqa: PLC0415 - the project
 
     current: list[subprocess.Popen[bytes]] = []
     stopping = False
+    needed = required_header(command, HTTP_FLAG)
+    headers = dict([needed]) if needed else {}
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -321,7 +398,7 @@ def run_supervised(
         restart = False
         try:
             for event in supervise(proc.pid, http_url, lambda: proc.poll() is None and not stopping, log, tick_s,
-                                   restart_models):  # fmt: skip
+                                   restart_models, headers):  # fmt: skip
                 restart = isinstance(event, RestartServer)
         finally:
             if not restart and not stopping:  # the supervisor failed: take the server down with it
@@ -341,6 +418,33 @@ def run_supervised(
         log(f"server stopped in {time.monotonic() - started:.1f}s; starting it again")
 
 
+def publish_admin_key(server: TritonServer, path: Path) -> bool:
+    """Say how the admin APIs are locked, and write our key to `path` (0600) for the people
+    and tools that need it. False when it could not be written and nobody else has it."""
+    for flag in restricting_flags(server.extra_args):
+        print(f"launcher: {flag} given after --: yours locks that protocol, ours is not added", flush=True)
+    if not server.admin_args():
+        print("launcher: the admin key is not written: your own flags lock every protocol", flush=True)
+        return True
+    assert server.admin_key is not None  # set by __post_init__
+    try:
+        write_private(path, server.admin_key + "\n")
+    except OSError as exc:
+        if os.environ.get(ADMIN_KEY_ENV):  # its owner has it already
+            print(f"launcher: warning: could not write the admin key to {path} ({exc}); it is ${ADMIN_KEY_ENV}",
+                  flush=True)  # fmt: skip
+            return True
+        print(f"error: cannot write the admin key to {path} ({exc}): "
+              f"pass --admin-key-file PATH or set ${ADMIN_KEY_ENV}", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    print(
+        f"admin APIs ({', '.join(RESTRICTED_APIS)}) need header 'admin-key' "
+        f"(gRPC: 'triton-grpc-protocol-admin-key'); the key is in {path}",
+        flush=True,
+    )
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
@@ -355,27 +459,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--restart-server-on", default="orchestrator", metavar="MODEL,...",
         help="models whose dead stub restarts the whole server (Triton strands their clients' requests)",
     )  # fmt: skip
+    parser.add_argument(
+        "--admin-key-file", type=Path, default=DEFAULT_ADMIN_KEY_FILE, metavar="PATH",
+        help=f"where the admin key is written, mode 0600 (default: {DEFAULT_ADMIN_KEY_FILE}); "
+        f"the key is ${ADMIN_KEY_ENV} if set, else a new random one",
+    )  # fmt: skip
     parser.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
     extra = [*model_control_args(args.extra), *args.extra]
-    server = TritonServer(
-        model_repository=args.model_repository.resolve(),
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        extra_args=extra,
-    )
-    install = find_installation()
+    try:
+        server = TritonServer(
+            model_repository=args.model_repository.resolve(),
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            extra_args=extra,
+        )
+        install = find_installation()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     supervised = not args.no_supervisor
     print(
         f"starting {install.binary} on http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}"
         + (" (supervised: dead python stubs are reloaded)" if supervised else ""),
         flush=True,
     )
+    if not publish_admin_key(server, args.admin_key_file):
+        return 2
     if not supervised:  # foreground: the server's log goes to the terminal, Ctrl-C stops it
-        os.execve(str(install.binary), server.command(install), server_environment(install))
+        os.execve(str(install.binary), server.command(install), server.environment(install))
     restart = frozenset(m for m in args.restart_server_on.split(",") if m)
-    return run_supervised(server.command(install), server_environment(install), server.http_url, restart_models=restart)
+    return run_supervised(server.command(install), server.environment(install), server.http_url, restart_models=restart)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Deployment files: every validation error names its key; the examples parse; the default
 file generates the committed repository; real-engine configs parse as Triton model configs
-with the tensorrt_llm contract; launch scripts and Kubernetes manifests are well formed."""
+with the tensorrt_llm contract; launch scripts and Kubernetes manifests are well formed; every
+server of a deployment gets the same secrets (secrets.env, the Kubernetes Secret)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +20,11 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
 from orchestrator.k8s_manifests import manifests
 from orchestrator.launch_plan import launch_script
-from scripts.deploy import build, check_manifests, main, with_kv_transfer_host, write_manifests
+from scripts.deploy import build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
 from scripts.repository import DEFAULT_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +256,11 @@ def test_kubernetes_manifests_validate_and_probe_health(name: str, tmp_path: Pat
         container = manifest["spec"]["template"]["spec"]["containers"][0]
         assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
         assert f"--server {server.name}" in container["command"][-1] and '--kv-transfer-host "$POD_IP"' in container["command"][-1]
-        assert container["env"] == [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+        assert container["env"] == [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "DISAGG_KV_SECRET", "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "kv-secret"}}},
+            {"name": "DISAGG_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "admin-key"}}},
+        ]
     gpus = [d["spec"]["template"]["spec"]["containers"][0].get("resources", {}) for d in deployments]
     assert gpus == ([{"limits": {"nvidia.com/gpu": 2}}] if name.startswith("trtllm") else [{}, {}, {}])
 
@@ -259,7 +268,7 @@ def test_kubernetes_manifests_validate_and_probe_health(name: str, tmp_path: Pat
 def test_a_broken_manifest_fails_the_schema_check() -> None:
     deployment = parse(STUBS)
     docs = manifests(deployment, "name: x\n")
-    docs[1]["spec"]["replicas"] = "one"
+    [d for d in docs if d["kind"] == "Deployment"][0]["spec"]["replicas"] = "one"
     with pytest.raises(DeploymentError, match=r"Deployment disagg-main: spec/replicas"):
         check_manifests(docs)
     assert kubernetes_validate.latest_version()
@@ -275,10 +284,126 @@ def test_a_pod_builds_its_stub_engines_with_its_own_kv_address(tmp_path: Path) -
     a kv_transfer_host written in the file wins."""
     assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--server", "context",
                  "--kv-transfer-host", "10.1.2.3", "--out", str(tmp_path / "pod")]) == 0  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "pod").iterdir()) == ["context", "launch-context.sh"]
+    assert sorted(p.name for p in (tmp_path / "pod").iterdir()) == ["context", "launch-context.sh", "secrets.env"]
     assert _parameter(tmp_path / "pod" / "context" / "context_0" / "config.pbtxt", "kv_transfer_host") == "10.1.2.3"
     pinned = parse(edited(THREE, "pools.context.stub", {"kv_transfer_host": "192.0.2.7"}))
     moved = with_kv_transfer_host(pinned, "gpu", "10.1.2.3")
     assert [p.stub["kv_transfer_host"] for p in moved.pools] == ["192.0.2.7", "10.1.2.3"]
     assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--kv-transfer-host", "10.1.2.3",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+# -- secrets every server of a deployment shares --------------------------------------
+def _secrets(out: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (out / "secrets.env").read_text().splitlines() if not line.startswith("#"))
+
+
+def test_build_writes_private_secrets_and_a_rebuild_keeps_them(tmp_path: Path) -> None:
+    deployment = load(ROOT / "deployments" / "three-server.yaml")
+    build(deployment, tmp_path / "a")
+    first = _secrets(tmp_path / "a")
+    assert sorted(first) == [ADMIN_KEY_ENV, KV_SECRET_ENV] and all(len(v) >= 32 for v in first.values())
+    assert first[ADMIN_KEY_ENV] != first[KV_SECRET_ENV]
+    assert stat.S_IMODE((tmp_path / "a" / "secrets.env").stat().st_mode) == 0o600
+    (tmp_path / "a" / "secrets.env").chmod(0o644)
+    build(deployment, tmp_path / "a")  # a rebuild must not rotate them under running servers
+    assert _secrets(tmp_path / "a") == first == deployment_secrets(tmp_path / "a")
+    assert stat.S_IMODE((tmp_path / "a" / "secrets.env").stat().st_mode) == 0o600
+    assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--server", "context", "--out", str(tmp_path / "a")]) == 0
+    assert _secrets(tmp_path / "a") == first  # one server's rebuild (what a pod does) too
+    build(deployment, tmp_path / "b")
+    assert all(_secrets(tmp_path / "b")[k] != first[k] for k in first)  # another build: its own
+
+
+def test_a_secrets_file_missing_a_value_gets_one_and_a_broken_one_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "secrets.env"
+    path.write_text(f"# kept\n{KV_SECRET_ENV}='mine,older'\n")
+    values = deployment_secrets(tmp_path)
+    assert values[KV_SECRET_ENV] == "mine,older" and len(values[ADMIN_KEY_ENV]) >= 32
+    assert _secrets(tmp_path)[KV_SECRET_ENV] in ("mine,older", "'mine,older'")
+    assert deployment_secrets(tmp_path) == values
+    path.write_text("DISAGG_KV_SECRET = spaced\n")
+    with pytest.raises(DeploymentError, match=r"secrets.env:1: expected NAME=value"):
+        deployment_secrets(tmp_path)
+    path.write_text(f"{ADMIN_KEY_ENV}=short\n")
+    with pytest.raises(DeploymentError, match=r"secrets.env: DISAGG_ADMIN_KEY is 5 characters long; use at least 16"):
+        deployment_secrets(tmp_path)
+
+
+_FAKE = """#!/usr/bin/env bash
+# Stands in for {name}: records its arguments and the secrets in its environment, then exits.
+{{ printf '%s\\n' "$@"; echo "env KV=${{DISAGG_KV_SECRET:-unset}} ADMIN=${{DISAGG_ADMIN_KEY:-unset}}"; }} > "$FAKE_OUT"
+"""
+
+
+def _run_launch_script(out: Path, server: str, env: dict[str, str], tool: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run `out/launch-<server>.sh` with `tool` (tritonserver or mpirun) replaced by a recorder."""
+    bin_dir = out / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / tool
+    fake.write_text(_FAKE.format(name=tool))
+    fake.chmod(0o755)
+    record = out / "record.txt"
+    record.unlink(missing_ok=True)
+    base = {k: v for k, v in os.environ.items() if k not in (ADMIN_KEY_ENV, KV_SECRET_ENV, "TRITONSERVER")}
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), base.get("PATH", "")])
+    done = subprocess.run(
+        ["bash", str(out / f"launch-{server}.sh")], env={**base, "PATH": path, "FAKE_OUT": str(record), **env},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return done, record.read_text() if record.exists() else ""
+
+
+def test_launch_scripts_load_the_secrets_unless_they_are_set(tmp_path: Path) -> None:
+    """The script as a user runs it, through the project's launcher, with a recorder in place
+    of tritonserver: secrets.env fills what the environment does not set."""
+    build(parse(STUBS), tmp_path)
+    secrets = _secrets(tmp_path)
+    done, seen = _run_launch_script(tmp_path, "main", {}, "tritonserver")
+    assert done.returncode == 0, done.stderr
+    lock = f"model-repository,model-config,shared-memory,trace,logging:admin-key={secrets[ADMIN_KEY_ENV]}"
+    assert f"--http-restricted-api={lock}" in seen.splitlines() and f"--grpc-restricted-protocol={lock}" in seen.splitlines()
+    # the KV secret reaches the server's environment; the admin key only its flags
+    assert f"env KV={secrets[KV_SECRET_ENV]} ADMIN=unset" in seen
+    key_file = tmp_path / "admin-key"
+    assert key_file.read_text().strip() == secrets[ADMIN_KEY_ENV] and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    done, seen = _run_launch_script(tmp_path, "main", {KV_SECRET_ENV: "from-env"}, "tritonserver")
+    assert done.returncode == 0 and "env KV=from-env ADMIN=unset" in seen and lock in seen
+    (tmp_path / "secrets.env").unlink()
+    done, seen = _run_launch_script(tmp_path, "main", {}, "tritonserver")
+    assert done.returncode == 1 and seen == ""
+    assert "secrets.env is missing and DISAGG_KV_SECRET / DISAGG_ADMIN_KEY are not both set" in done.stderr
+    both = {KV_SECRET_ENV: "kv-from-env", ADMIN_KEY_ENV: "admin-key-from-env-1234"}
+    done, seen = _run_launch_script(tmp_path, "main", both, "tritonserver")
+    assert done.returncode == 0 and "env KV=kv-from-env ADMIN=unset" in seen and "admin-key=admin-key-from-env-1234" in seen
+
+
+def test_the_mpi_world_loads_the_secrets_and_locks_every_rank(tmp_path: Path) -> None:
+    build(parse(REAL), tmp_path)
+    secrets = _secrets(tmp_path)
+    done, seen = _run_launch_script(tmp_path, "main", {}, "mpirun")
+    assert done.returncode == 0, done.stderr
+    args = seen.splitlines()
+    assert args.count("tritonserver") == 6
+    lock = f"model-repository,model-config,shared-memory,trace,logging:admin-key={secrets[ADMIN_KEY_ENV]}"
+    assert args.count(f"--http-restricted-api={lock}") == 6 and args.count(f"--grpc-restricted-protocol={lock}") == 6
+    assert f"env KV={secrets[KV_SECRET_ENV]} ADMIN={secrets[ADMIN_KEY_ENV]}" in seen  # mpirun passes both on
+
+
+def test_kubernetes_pods_share_one_secret(tmp_path: Path) -> None:
+    path = ROOT / "deployments" / "three-server.yaml"
+    docs = write_manifests(load(path), path, tmp_path / "k8s.yaml", validate=True)
+    assert stat.S_IMODE((tmp_path / "k8s.yaml").stat().st_mode) == 0o600  # it holds the Secret
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "three-server-secrets" and secret["type"] == "Opaque"
+    values = secret["stringData"]
+    assert sorted(values) == ["admin-key", "kv-secret"] and all(len(v) >= 32 for v in values.values())
+    for deployment in [d for d in docs if d["kind"] == "Deployment"]:
+        env = {e["name"]: e["valueFrom"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env[KV_SECRET_ENV] == {"secretKeyRef": {"name": "three-server-secrets", "key": "kv-secret"}}
+        assert env[ADMIN_KEY_ENV] == {"secretKeyRef": {"name": "three-server-secrets", "key": "admin-key"}}
+    other = write_manifests(load(path), path, tmp_path / "other.yaml", validate=False)
+    (other_secret,) = [d for d in other if d["kind"] == "Secret"]
+    assert all(other_secret["stringData"][k] != values[k] for k in values)  # each run: its own
+    again = write_manifests(load(path), path, tmp_path / "k8s.yaml", validate=False)
+    assert [d for d in again if d["kind"] == "Secret"] == [secret]  # rewriting a file keeps its Secret

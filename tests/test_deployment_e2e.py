@@ -22,7 +22,8 @@ from dataclasses import replace
 from orchestrator.deployment import load, parse
 from orchestrator.k8s_manifests import manifests
 from scripts.client import generate
-from scripts.deploy import build
+from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
+from scripts.deploy import build, deployment_secrets
 from scripts.launch import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +32,10 @@ PROMPTS = [f"deployment {i}: a quick brown fox jumps over the lazy dog " * (1 + 
 
 @pytest.fixture(scope="module")
 def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repos = build(load(ROOT / "deployments" / "aggregated.yaml"), tmp_path_factory.mktemp("aggregated"))
-    with TritonServer(model_repository=repos["main"]) as srv:
+    out = tmp_path_factory.mktemp("aggregated")
+    repos = build(load(ROOT / "deployments" / "aggregated.yaml"), out)
+    secrets = deployment_secrets(out)  # what its launch script would use
+    with TritonServer(model_repository=repos["main"], kv_secret=secrets[KV_SECRET_ENV], admin_key=secrets[ADMIN_KEY_ENV]) as srv:
         yield srv
 
 
@@ -43,7 +46,8 @@ def _successes(server: TritonServer, model: str) -> int:
 
 def test_generated_models_are_all_ready(aggregated: TritonServer) -> None:
     client = grpcclient.InferenceServerClient(aggregated.grpc_url)
-    names = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
+    index = client.get_model_repository_index(headers=aggregated.admin_headers("grpc"), as_json=True)  # a locked API
+    names = {m["name"] for m in index["models"]}
     assert names == {"ensemble", "preprocessing", "orchestrator", "postprocessing", *(f"generation_{i}" for i in range(4))}
     assert all(client.is_model_ready(n) for n in names)
 
@@ -103,6 +107,12 @@ def test_the_generated_launch_script_starts_a_serving_server(tmp_path: Path) -> 
         assert client.is_server_ready(), (tmp_path / "server.log").read_text()[-2000:]
         text = "".join(d.text for d in generate(f"127.0.0.1:{grpc}", PROMPTS[0], 5, stream=True))
         assert text
+        # its admin APIs are locked with the build's key (secrets.env), which the launcher wrote beside the script
+        key = deployment_secrets(tmp_path)[ADMIN_KEY_ENV]
+        assert (tmp_path / "admin-key").read_text().strip() == key
+        index = f"http://127.0.0.1:{http}/v2/repository/index"
+        assert requests.post(index, json={}, timeout=30).status_code == 403
+        assert requests.post(index, json={}, headers={"admin-key": key}, timeout=30).status_code == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) is not None

@@ -17,8 +17,9 @@ from tritonclient.utils import InferenceServerException
 from scripts.client import generate
 import yaml
 
+from orchestrator.access import KV_SECRET_ENV
 from orchestrator.deployment import parse
-from scripts.deploy import on_free_ports, serve
+from scripts.deploy import deployment_secrets, on_free_ports, serve
 from scripts.launch import TritonServer
 
 THREE_SERVER_FILE = Path(__file__).resolve().parent.parent / "deployments" / "three-server.yaml"
@@ -27,8 +28,9 @@ PROMPTS = [f"request {i}: the cat sat on the mat and then the dog came by " * (1
 
 
 class ThreeServers:
-    def __init__(self, context: TritonServer, generation: TritonServer, frontend: TritonServer) -> None:
+    def __init__(self, context: TritonServer, generation: TritonServer, frontend: TritonServer, out: Path) -> None:
         self.context, self.generation, self.frontend = context, generation, frontend
+        self.out = out  # the build's folder
 
     def text(self, server: TritonServer, prompt: str, max_tokens: int = 12) -> str:
         return "".join(d.text for d in generate(server.grpc_url, prompt, max_tokens, stream=True, timeout_s=60))
@@ -48,8 +50,16 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeServers]:
     data = yaml.safe_load(THREE_SERVER_FILE.read_text())
     data["orchestrator"]["settings"] = {"log_routing": True}
     with ExitStack() as stack:
-        servers = serve(on_free_ports(parse(data)), tmp_path_factory.mktemp("three_servers"), stack)
-        yield ThreeServers(servers["context"], servers["generation"], servers["frontend"])
+        out = tmp_path_factory.mktemp("three_servers")
+        servers = serve(on_free_ports(parse(data)), out, stack)
+        yield ThreeServers(servers["context"], servers["generation"], servers["frontend"], out)
+
+
+def test_every_server_has_the_builds_secrets(three: ThreeServers) -> None:
+    """KV moves between the engine servers: their stub engines must share the KV secret."""
+    servers = (three.context, three.generation, three.frontend)
+    assert len({s.kv_secret for s in servers}) == 1 and len({s.admin_key for s in servers}) == 1
+    assert three.context.kv_secret == deployment_secrets(three.out)[KV_SECRET_ENV]
 
 
 def test_each_server_holds_only_its_part(three: ThreeServers) -> None:

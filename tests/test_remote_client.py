@@ -196,7 +196,7 @@ def test_close_while_streaming_ends_the_stream_with_one_error(server: TritonServ
 
 async def _generation_pool_tokens(server: TritonServer) -> int:
     async with grpcaio.InferenceServerClient(server.grpc_url) as admin:
-        config = await admin.get_model_config("generation_0")
+        config = await admin.get_model_config("generation_0", headers=server.admin_headers("grpc"))  # a locked API
     return int(config.config.parameters["max_tokens_in_paged_kv_cache"].string_value)
 
 

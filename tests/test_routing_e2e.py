@@ -38,6 +38,7 @@ class Deployment:
     def __init__(self, server: TritonServer, repo: Path) -> None:
         self.server, self.repo = server, repo
         self.admin = grpcclient.InferenceServerClient(server.grpc_url)
+        self.key = server.admin_headers("grpc")  # the repository API is locked (orchestrator/access.py)
 
     def served(self, model: str) -> int:
         """Requests the model finished, by Triton's statistics (0 when it is not loaded)."""
@@ -121,7 +122,7 @@ def test_each_finished_request_logs_one_line_with_its_engines_and_times(deployme
 def test_failing_engine_is_skipped_and_comes_back_when_fixed(deployment: Deployment) -> None:
     faulty = {"fault": "fail"}
     write_model(deployment.repo, "context_1", ModelSpec("context_1", faulty))
-    deployment.admin.load_model("context_1")  # reloads it from the changed config
+    deployment.admin.load_model("context_1", headers=deployment.key)  # reloads it from the changed config
     try:
         before = deployment.counts()
         for i in range(20):  # ask() raises on any error response: every request succeeds
@@ -131,28 +132,28 @@ def test_failing_engine_is_skipped_and_comes_back_when_fixed(deployment: Deploym
         assert deployment.counts()["context_0"] - before["context_0"] == 20
     finally:
         write_model(deployment.repo, "context_1", ModelSpec("context_1"))
-        deployment.admin.load_model("context_1")
+        deployment.admin.load_model("context_1", headers=deployment.key)
     served = deployment.served("context_1")
     until(lambda: deployment.served("context_1") > served, lambda: deployment.ask(f"after {time.monotonic()} " * 12))
 
 
 def test_unloaded_engine_is_skipped_and_used_again_once_loaded(deployment: Deployment) -> None:
-    deployment.admin.unload_model("generation_1")
+    deployment.admin.unload_model("generation_1", headers=deployment.key)
     try:
         for i in range(6):
             assert deployment.ask(f"unloaded {i} " * 12, max_tokens=5)["text"]
     finally:
-        deployment.admin.load_model("generation_1")
+        deployment.admin.load_model("generation_1", headers=deployment.key)
     served = deployment.served("generation_1")
     until(lambda: deployment.served("generation_1") > served, lambda: deployment.ask(f"back {time.monotonic()} " * 12))
 
 
 def test_engine_added_while_serving_receives_traffic(deployment: Deployment) -> None:
     write_model(deployment.repo, "context_2", ModelSpec("context_1"))
-    deployment.admin.load_model("context_2")
+    deployment.admin.load_model("context_2", headers=deployment.key)
     deployment.pools(["context_0", "context_1", "context_2"])
     until(lambda: deployment.served("context_2") > 0, lambda: deployment.ask(f"fresh prompt {time.monotonic()} " * 4))
     deployment.pools(["context_0", "context_1"])
-    deployment.admin.unload_model("context_2")
+    deployment.admin.unload_model("context_2", headers=deployment.key)
     for i in range(4):  # requests after the removal never fail
         assert deployment.ask(f"after removal {i} " * 6)["text"]

@@ -41,6 +41,7 @@ class Launched:
     proc: subprocess.Popen[bytes]
     http: str
     log: Path
+    key_file: Path
 
     @property
     def server_pid(self) -> int:
@@ -76,14 +77,15 @@ def _children(pid: int) -> list[int]:
 def launched(tmp_path: Path) -> Iterator[Launched]:
     """A server of its own per test: a stub death may leave Triton state behind (README)."""
     log = tmp_path / "launch.log"
+    key_file = tmp_path / "admin-key"  # not the checkout's .triton/admin-key
     http, grpc, metrics = free_port(), free_port(), free_port()
     out = open(log, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "scripts" / "launch.py"), "--http-port", str(http), "--grpc-port", str(grpc),
-         "--metrics-port", str(metrics)],
+         "--metrics-port", str(metrics), "--admin-key-file", str(key_file)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    server = Launched(proc, f"127.0.0.1:{http}", log)
+    server = Launched(proc, f"127.0.0.1:{http}", log, key_file)
     try:
         deadline = time.monotonic() + 180
         while not server.ready():
@@ -263,6 +265,10 @@ def test_a_killed_orchestrator_stub_restarts_the_server_and_strands_nothing(laun
         assert load.succeeded_after(back)
     _report("orchestrator", killed_at, transitions, load)
     assert launched.server_pid != first_server
+    # the new server keeps the admin key: the one the launcher wrote still opens its repository API
+    index = f"http://{launched.http}/v2/repository/index"
+    assert requests.post(index, json={}, timeout=10).status_code == 403
+    assert requests.post(index, json={}, headers={"admin-key": launched.key_file.read_text().strip()}, timeout=10).status_code == 200
     after = [r for r in load.results if r.ended > killed_at]
     bad = [r for r in after if not _acceptable_after_death(r)]
     assert not bad, bad

@@ -3,7 +3,8 @@
 A stand-in "server" is a real Python process that starts child processes whose command
 lines look like python-backend stubs (`<repo>/<model>/1/model.py ... <model>_0_0`) and,
 like Triton, reaps a child only when told to stop it; a child killed behind its back stays
-a zombie. The repository API is a real HTTP server on loopback that records the calls.
+a zombie. The repository API is a real HTTP server on loopback that records the calls and,
+like a Triton started by our launcher, can demand the admin key (403 without it).
 """
 
 from __future__ import annotations
@@ -137,9 +138,17 @@ def test_the_sibling_view_names_the_dead_models(server: FakeServer) -> None:
 class _Repository(BaseHTTPRequestHandler):
     calls: list[str] = []
     states: dict[str, str] = {}
+    key: str | None = None  # set: refuse calls without header admin-key = key, as Triton does
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.key is not None and self.headers.get("admin-key") != self.key:
+            body = b'{"error":"This API is restricted, expecting header \'admin-key\'"}'
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.calls.append(self.path)
         body = b""
         if self.path == "/v2/repository/index":
@@ -155,7 +164,7 @@ class _Repository(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def repository() -> Iterator[type[_Repository]]:
-    handler = type("Handler", (_Repository,), {"calls": [], "states": {}})
+    handler = type("Handler", (_Repository,), {"calls": [], "states": {}, "key": None})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -204,3 +213,17 @@ def test_a_dead_stub_that_strands_clients_asks_for_a_new_server(server: FakeServ
     assert events == [RestartServer(("orchestrator",), (victim,))]
     assert repository.calls == []
     watch.close()
+
+
+def test_the_repository_api_sends_the_admin_key(repository: type[_Repository]) -> None:
+    """Our servers lock the repository API: without the key the supervisor could not reload
+    anything, and says why."""
+    repository.key = "k" * 24
+    repository.states.update({"generation_0": "READY"})
+    with pytest.raises(RuntimeError, match=r"/v2/repository/index: HTTP 403: .*expecting header 'admin-key'.*give RepositoryApi the admin key"):
+        RepositoryApi(repository.url).states()  # type: ignore[attr-defined]
+    api = RepositoryApi(repository.url, headers={"admin-key": repository.key})  # type: ignore[attr-defined]
+    assert api.states() == {"generation_0": "READY"}
+    api.unload("generation_0")
+    api.load("generation_0")
+    assert repository.calls == ["/v2/repository/index", "/v2/repository/models/generation_0/unload", "/v2/repository/models/generation_0/load"]
