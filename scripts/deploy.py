@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV, check_admin_key, new_secret, write_private
 from orchestrator.deployment import Deployment, DeploymentError, Pool, load, mpi_world_size
+from orchestrator.engine.config import EngineConfig
 from orchestrator.k8s_manifests import SECRET_KEYS, in_cluster_file, manifests, secret_name
 from orchestrator.launch_plan import SECRETS_FILE, launch_script
 from orchestrator.trtllm_config import tensorrt_llm_config
@@ -74,15 +75,31 @@ def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Pat
     (model_dir / "config.pbtxt").write_text(text)
 
 
+# Where pods' addresses come from in a cluster: private and carrier-grade NAT ranges, loopback.
+CLUSTER_NETWORKS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7,127.0.0.0/8,::1"
+
+
 def with_kv_transfer_host(d: Deployment, server: str, host: str) -> Deployment:
     """`d` with the stub engines of `server` serving their KV leases on `host` (a pod's IP,
-    known only once the pod runs), unless the file names a kv_transfer_host itself."""
+    known only once the pod runs), unless the file names a kv_transfer_host itself. Their
+    peers' pod IPs are not known either, so they pull KV from cluster networks
+    (`CLUSTER_NETWORKS`) unless the file names kv_peer_hosts."""
+    defaults = {"kv_transfer_host": host, "kv_peer_hosts": CLUSTER_NETWORKS}
     pools = tuple(
-        replace(p, stub={**p.stub, "kv_transfer_host": p.stub.get("kv_transfer_host", host)})
-        if p.kind == "stub" and p.server == server and "kv_transfer_host" not in p.stub
-        else p
-        for p in d.pools
+        replace(p, stub={**defaults, **p.stub}) if p.kind == "stub" and p.server == server else p for p in d.pools
     )
+    return replace(d, pools=pools)
+
+
+def with_kv_peers(d: Deployment) -> Deployment:
+    """`d` with every stub engine allowed to pull KV from the hosts its file names as
+    kv_transfer_host (besides loopback), unless the file names kv_peer_hosts itself: a
+    generation engine connects only to transfer servers the deployment lists."""
+    named = sorted({p.stub["kv_transfer_host"] for p in d.pools if p.kind == "stub" and "kv_transfer_host" in p.stub})
+    if not named:
+        return d  # every engine serves on loopback: the engines' default kv_peer_hosts fits
+    peers = ",".join([EngineConfig().kv_peer_hosts, *named])
+    pools = tuple(replace(p, stub={"kv_peer_hosts": peers, **p.stub}) if p.kind == "stub" else p for p in d.pools)
     return replace(d, pools=pools)
 
 
@@ -135,6 +152,7 @@ def build(d: Deployment, out: Path, only: str | None = None, source: Path = DEFA
     """Write each server's repository to `out/<server>`, `out/launch-<server>.sh`, and the
     deployment's shared secrets to `out/secrets.env` (kept when it exists)."""
     written: dict[str, Path] = {}
+    d = with_kv_peers(d)
     for server in d.servers:
         if only is not None and server.name != only:
             continue

@@ -24,7 +24,7 @@ from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
 from orchestrator.k8s_manifests import manifests
 from orchestrator.launch_plan import launch_script
-from scripts.deploy import build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
+from scripts.deploy import CLUSTER_NETWORKS, build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
 from scripts.repository import DEFAULT_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +291,23 @@ def test_a_pod_builds_its_stub_engines_with_its_own_kv_address(tmp_path: Path) -
     assert [p.stub["kv_transfer_host"] for p in moved.pools] == ["192.0.2.7", "10.1.2.3"]
     assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--kv-transfer-host", "10.1.2.3",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_generation_engines_pull_only_from_the_hosts_the_deployment_names(tmp_path: Path) -> None:
+    """Engines serving KV on a named host: every stub engine may pull from it (and loopback),
+    nothing else. In a pod, peers' IPs are unknown: cluster networks, never the whole internet.
+    A kv_peer_hosts written in the file wins."""
+    named = parse(edited(THREE, "pools.context.stub", {"kv_transfer_host": "192.0.2.7"}))
+    build(named, tmp_path / "named")
+    peers = _parameter(tmp_path / "named" / "gpu" / "generation_0" / "config.pbtxt", "kv_peer_hosts")
+    assert peers.split(",") == ["127.0.0.0/8", "::1", "localhost", "192.0.2.7"]
+    pod = with_kv_transfer_host(parse(THREE), "gpu", "10.1.2.3")
+    assert all(p.stub["kv_peer_hosts"] == CLUSTER_NETWORKS for p in pod.pools if p.server == "gpu")
+    own = parse(edited(THREE, "pools.generation.stub", {"kv_peer_hosts": "10.9.0.0/16"}))
+    assert [p.stub.get("kv_peer_hosts") for p in with_kv_transfer_host(own, "gpu", "10.1.2.3").pools][-1] == "10.9.0.0/16"
+    build(parse(THREE), tmp_path / "loopback")  # all on loopback: the engines' own default stays
+    config = (tmp_path / "loopback" / "gpu" / "generation_0" / "config.pbtxt").read_text()
+    assert "kv_peer_hosts" not in config
 
 
 # -- secrets every server of a deployment shares --------------------------------------
