@@ -21,33 +21,40 @@ from orchestrator.child_stops import ChildStops
 from orchestrator.config import OrchestratorConfig
 from orchestrator.deadline import StallTimer
 from orchestrator.engine_client import EngineClient, EngineReply
-from orchestrator.errors import EngineUnavailable, ErrorCode, RequestError
+from orchestrator.errors import EngineUnavailable, ErrorCode, RequestError, is_overloaded
 
 
 class PhaseFailed(Exception):
     """A phase attempt failed; `engine_fault` says whether the engine is to blame (health).
 
     `mid_stream` names the generation engine when the failure came after generated tokens
-    reached the client: no retry can hide it, a migration can.
+    reached the client: no retry can hide it, a migration can. `overloaded`: the engine
+    refused it as full (`max_queued_requests`); it is healthy, another engine may take it.
     """
 
-    def __init__(self, error: RequestError, engine_fault: bool) -> None:
+    def __init__(self, error: RequestError, engine_fault: bool, overloaded: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.engine_fault = engine_fault
+        self.overloaded = overloaded
         self.mid_stream = ""
 
 
 def engine_failure(engine: str, phase: str, error: RequestError) -> PhaseFailed:
     """Client mistakes (INVALID_ARG) and cancellations pass through as they are; KV that is
-    gone (NOT_FOUND) is nobody's fault here; anything else is the engine's: UNAVAILABLE."""
+    gone (NOT_FOUND) is nobody's fault here; a full engine (`overloaded:`) is not broken: its
+    refusal passes through, retried elsewhere with its circuit breaker left alone (tripping
+    it would keep a busy engine out for its backoff and push its load onto the others);
+    anything else is the engine's: UNAVAILABLE."""
     if error.code in (ErrorCode.INVALID_ARG, ErrorCode.CANCELLED, ErrorCode.NOT_FOUND):
         return PhaseFailed(error, engine_fault=False)
+    if is_overloaded(error):
+        return PhaseFailed(error, engine_fault=False, overloaded=True)
     return PhaseFailed(EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}"), engine_fault=True)
 
 
 def retryable(failure: PhaseFailed) -> bool:
-    return failure.engine_fault or failure.error.code is ErrorCode.NOT_FOUND
+    return failure.engine_fault or failure.overloaded or failure.error.code is ErrorCode.NOT_FOUND
 
 
 class ChildReplies:

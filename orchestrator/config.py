@@ -56,6 +56,14 @@ Failures (`orchestrator.health`):
   consecutive failures that mark an engine unhealthy, and how long it is skipped (doubling).
 - `health_check_s` (2.0): how often engines' readiness is probed (0: never).
 
+Load (`orchestrator.pipeline`):
+- `max_in_flight` (1024; 0: unlimited): requests this orchestrator instance serves at once
+  (each instance process has its own count). One more gets `UNAVAILABLE: overloaded: ...`
+  at once, before it reaches an engine, instead of queueing; `stop=true` is never refused.
+  The committed pools take 2 engines x (64 running + 512 queued, `max_queued_requests`)
+  = 1152 requests per phase, 9x what they run at once: with one instance the refusal comes
+  here, before any prefill is spent, and engines' own bound is the backstop for several.
+
 Ending requests (`orchestrator.pipeline`; 0 turns a timeout off):
 - `request_timeout_s` (0): a request's deadline from arrival; past it the client gets
   UNAVAILABLE and engines are told to drop its work.
@@ -172,6 +180,7 @@ class OrchestratorConfig:
     cancel_check_ms: float = 100.0
     cancel_checks_per_tick: int = 32
     stop_timeout_s: float = 5.0
+    max_in_flight: int = 1024
 
     def __post_init__(self) -> None:
         _engine_list(list(self.context_engines), "context_engines")

@@ -3,6 +3,8 @@
     RequestError(code, message)      every error that ends a request
     ├── InvalidInput                 INVALID_ARG: the client must change the request
     ├── EngineUnavailable            UNAVAILABLE: an engine failed or is gone; retrying may work
+    │   └── Overloaded               UNAVAILABLE, message `overloaded: ...`: a bound on queued or
+    │                                in-flight work was reached; nothing failed, retry later
     ├── KVCacheGone                  NOT_FOUND: a generation engine could not fetch the context
     │                                phase's KV (lease expired or pulled, source unreachable);
     │                                the orchestrator re-runs the context phase
@@ -52,6 +54,26 @@ class InvalidInput(RequestError, ValueError):
 
 class EngineUnavailable(RequestError):
     code = ErrorCode.UNAVAILABLE
+
+
+OVERLOADED = "overloaded:"
+
+
+class Overloaded(EngineUnavailable):
+    """A bound on work in flight or queued is reached: answered at once instead of queueing.
+
+    The message starts with `overloaded:` because that word is all that survives the hops
+    (a gRPC stream carries only the text, `UNAVAILABLE: overloaded: ...`), and it is how the
+    orchestrator tells a full engine (healthy: try another) from a failing one.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{OVERLOADED} {why}")
+
+
+def is_overloaded(error: RequestError) -> bool:
+    """Whether `error` is an overload refusal, also one that came back from another process."""
+    return error.code is ErrorCode.UNAVAILABLE and error.message.startswith(OVERLOADED)
 
 
 class KVCacheGone(RequestError):

@@ -24,7 +24,10 @@ phase first). A generation engine that fails after generated tokens were streame
 behind instead: the request migrates (`orchestrator.migration`), at most `max_migrations`
 times: a context phase over prompt + the tokens so far, then generation on another
 generation engine, and the client's stream goes on as if nothing happened. After that the
-request fails with UNAVAILABLE (`PhaseFailed`).
+request fails with UNAVAILABLE (`PhaseFailed`). An engine that refuses an attempt as full
+(`UNAVAILABLE: overloaded: ...`, its `max_queued_requests`) is healthy: the attempt moves to
+another engine within the same `max_retries`, its circuit breaker untouched; when every
+engine tried was full, the client gets that `overloaded` refusal.
 """
 
 from __future__ import annotations
@@ -195,10 +198,12 @@ class Phases:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _failed(self, decision: RouteDecision, failure: _PhaseFailed) -> None:
-        """Tell the router (health) and the log; the caller decides about a retry."""
+        """Tell the router (health) and the log; the caller decides about a retry. A full
+        engine is neither (healthy; under a flood a line per refusal would add to the load):
+        `disagg_routing_retries_total` counts the attempts it moved."""
         if failure.engine_fault:
             self.router.failure(decision)
-        if failure.error.code is not ErrorCode.INVALID_ARG:
+        if failure.error.code is not ErrorCode.INVALID_ARG and not failure.overloaded:
             self.log(
                 f"request {decision.request_id}: {decision.phase.value} attempt {decision.attempt} on engine "
                 f"{decision.engine} failed ({failure.error.code.value}): {failure.error.message}"
@@ -284,7 +289,7 @@ class Phases:
                     await self._timed(attempt_run, "generation", decision.engine, self.config.generation_timeout_s)
             except _PhaseFailed as failure:
                 self._failed(decision, failure)
-                if failure.engine_fault:
+                if failure.engine_fault or failure.overloaded:
                     tried.append(decision.engine)
                 if not _retryable(failure) or attempt == self.config.max_retries or p.sent != sent_before:
                     if p.sent != sent_before and _retryable(failure):

@@ -38,7 +38,8 @@ from orchestrator.contract import EngineRequest
 from orchestrator.deadline import StallTimer
 from orchestrator.detokenize import DetokWindow
 from orchestrator.engine_client import EngineClient
-from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, RequestError, as_request_error
+from orchestrator.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, Overloaded, RequestError
+from orchestrator.errors import as_request_error
 from orchestrator.membership import Membership
 from orchestrator.metric_registry import MemoryRegistry
 from orchestrator.outbox import Outbox
@@ -130,6 +131,8 @@ class Orchestrator:
 
         Raises DuplicateRequest when a request with the same id is in flight: ids name
         requests for `stop` and for their child requests on engines, so they must be unique.
+        Raises Overloaded, having counted and logged the refusal, when `max_in_flight` requests
+        are in flight here: answered at once, nothing started (stop=true never comes here).
         """
         loop = self._loop = asyncio.get_running_loop()
         self.membership.ensure_started()
@@ -139,6 +142,9 @@ class Orchestrator:
                 f"request id '{key}' is already in flight: give every in-flight request its own id "
                 "(or none), or send stop=true with that id to end the running one"
             )
+        limit = self.config.max_in_flight
+        if limit and len(self.in_flight) >= limit:
+            raise self._refuse(request, sink, key, limit)
         progress = self._progress(request, sink)
         task = loop.create_task(self._serve(progress, tensors, key))
         self.in_flight[key] = _InFlight(task, progress)
@@ -146,6 +152,17 @@ class Orchestrator:
         if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
             self._watcher = loop.create_task(self._watch_cancellations())
         return task
+
+    def _refuse(self, request: EngineRequest, sink: ResponseSink, key: str, limit: int) -> Overloaded:
+        """The refusal of a request over `max_in_flight`, counted and logged (outcome overloaded);
+        the caller raises it. Nothing is kept: no task, no progress, no child request."""
+        now = time.time_ns()
+        p = Progress(request=request, sink=sink, detok=DetokWindow(()), arrival_ns=now, outcome="overloaded")
+        self.telemetry.rejected("overloaded", self._record(p, key))
+        return Overloaded(
+            f"this orchestrator instance already serves {len(self.in_flight)} requests (max_in_flight={limit}); "
+            "retry later, or raise the orchestrator parameter max_in_flight (each instance counts its own)"
+        )
 
     def _progress(self, request: EngineRequest, sink: ResponseSink) -> Progress:
         p = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
@@ -250,6 +267,8 @@ class Orchestrator:
             error = failure.error
             if error.code is ErrorCode.NOT_FOUND:  # retries spent: to the client, an unavailable backend
                 error = EngineUnavailable(f"the context phase's KV cache was lost and retries are spent: {error.message}")
+            if failure.overloaded:  # every engine it tried was full; the message says so
+                self.telemetry.rejected("engines_overloaded")
             progress.fail(error)
         except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
             progress.fail(as_request_error(exc))

@@ -17,7 +17,7 @@ import numpy as np
 
 from orchestrator.contract import EngineOutput, EngineRequest, PerfMetrics
 from orchestrator.detokenize import DetokWindow, prompt_window
-from orchestrator.errors import ErrorCode, RequestError
+from orchestrator.errors import ErrorCode, RequestError, is_overloaded
 from orchestrator.outbox import Channel
 
 
@@ -66,7 +66,7 @@ class Progress:
     leases: dict[str, str] = field(default_factory=dict)  # finished context child -> engine, until its KV is pulled
     phase: str = "routing"  # where the request is (for timeout messages)
     ending: str = ""  # why its task was cancelled on purpose: "stop" or "client"
-    outcome: str = "ok"  # for metrics and the request log: ok, stopped, cancelled, timed_out, error code
+    outcome: str = "ok"  # for metrics and the request log: ok, stopped, cancelled, timed_out, overloaded, error code
     path: str = ""  # "disaggregated" or "local"
     context_engine: str = ""
     generation_engine: str = ""
@@ -105,7 +105,7 @@ class Progress:
         if self.closed:
             return
         if self.outcome == "ok":  # a timeout or stop named it already
-            self.outcome = error.code.value.lower()
+            self.outcome = "overloaded" if is_overloaded(error) else error.code.value.lower()
         self.closed = True
         self._answer(error)
 

@@ -9,17 +9,22 @@ orchestrator (one observation per request, recorded when it ends):
 - `request_e2e_seconds{path,streaming}`: arrival -> final response;
 - `phase_seconds{phase,engine}`: one phase as the orchestrator saw it (context: request sent
   -> first token back; generation: request sent -> last reply; local: both phases);
-- `requests_total{outcome,streaming}`: ok, stopped, cancelled, timed_out, or the error
-  code (unavailable, invalid_arg, ...);
+- `requests_total{outcome,streaming}`: ok, stopped, cancelled, timed_out, overloaded, or
+  the error code (unavailable, invalid_arg, ...);
 - `routing_decisions_total{phase,policy,engine}`, `routing_retries_total{phase}`,
   `routing_local_total{reason}`, `routing_disaggregated_total`;
 - `orchestrator_migrations_total{engine,outcome}`: requests continued on other engines after
   their generation engine (`engine`) failed mid-stream, by how the request then ended.
+- `orchestrator_rejected_total{reason}`: requests refused for load with `overloaded`:
+  `overloaded` at arrival (this instance's `max_in_flight`), `engines_overloaded` after
+  every engine tried was full (their `max_queued_requests`).
 
 engines (stub engines; a real TensorRT-LLM engine reports its own):
 - `engine_queue_seconds{engine,phase}`: arrival -> first scheduled;
 - `engine_kv_transfer_seconds{engine}`, `engine_kv_transfer_bytes{engine}`: each KV pull;
 - `engine_prefix_hit_blocks_total{engine}`, `engine_new_blocks_total{engine}`: prefix reuse;
+- `engine_rejected_total{engine,reason}`: requests refused at once (`overloaded`:
+  `max_queued_requests` were already waiting for admission);
 - gauges from `EngineCore.state()` / `Orchestrator.state()` (see `gauges.py`).
 
 Recording only appends to a list; `flush()` (the model's background task, every 100 ms)
@@ -47,6 +52,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_routing_disaggregated_total", "counter", "requests served by a context and a generation engine"),
     MetricSpec("disagg_orchestrator_migrations_total", "counter", "requests moved off a generation engine mid-stream"),
     MetricSpec("disagg_orchestrator_stops_total", "counter", "stop=true requests: where handled, whether the id was in flight there"),
+    MetricSpec("disagg_orchestrator_rejected_total", "counter", "requests refused for load (overloaded), by which bound"),
 )
 ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_queue_seconds", "histogram", "arrival to first scheduled on the engine", TIME_BUCKETS),
@@ -54,6 +60,7 @@ ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_kv_transfer_bytes", "histogram", "bytes of one KV pull", BYTE_BUCKETS),
     MetricSpec("disagg_engine_prefix_hit_blocks_total", "counter", "prompt blocks found in the prefix cache"),
     MetricSpec("disagg_engine_new_blocks_total", "counter", "prompt blocks that had to be computed or pulled"),
+    MetricSpec("disagg_engine_rejected_total", "counter", "requests refused at once (overloaded: the admission queue is full)"),
 )
 
 
@@ -184,6 +191,17 @@ class Telemetry:
         """A stop request handled `here` (from a client), `forwarded` to sibling instances (not
         held here), or `from_sibling` (forwarded by a sibling); `found`: the id ran here."""
         self.inc("disagg_orchestrator_stops_total", {"where": where, "found": str(found).lower()})
+
+    def rejected(self, reason: str, record: RequestRecord | None = None) -> None:
+        """A request refused for load: `overloaded` (this instance's max_in_flight) or
+        `engines_overloaded` (every engine tried was full). `record`: one refused at arrival,
+        which ends here: counted by outcome and logged like any request, but with no latency
+        observations (it did no work; its zeros would only drag the histograms down)."""
+        self.inc("disagg_orchestrator_rejected_total", {"reason": reason})
+        if record is not None:
+            self.inc("disagg_requests_total", {"outcome": record.outcome, "streaming": str(record.streaming).lower()})
+            if self.request_log is not None:
+                self.request_log(record.log_line())
 
     def flush(self) -> int:
         """Apply what was recorded since the last flush; returns how many updates."""

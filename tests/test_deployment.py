@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
 import stat
 import subprocess
 import sys
@@ -21,7 +20,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
+from orchestrator.config import OrchestratorConfig
 from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
+from orchestrator.engine.config import EngineConfig
 from orchestrator.k8s_manifests import manifests
 from orchestrator.launch_plan import launch_script
 from scripts.deploy import CLUSTER_NETWORKS, build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
@@ -97,6 +98,7 @@ def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         (STUBS, "pools.context.stub", {"prefil_us_per_token": 3}, r"pools.context.stub.prefil_us_per_token: unknown stub engine knob"),
         (STUBS, "pools.context.stub", {"tensor_parallel_size": 2}, r"pools.context.stub.tensor_parallel_size: is set on the pool itself"),
         (STUBS, "pools.context.stub", {"step_overhead_ms": [1]}, r"pools.context.stub.step_overhead_ms: must be a single value"),
+        (STUBS, "pools.context.stub", {"max_queued_requests": -1}, r"pools.context: engine parameter 'max_queued_requests' must be >= 0 \(0: unlimited\), got -1"),
         (STUBS, "pools.context.enginez", 2, r"pools.context.enginez: unknown key; this section takes: .*engines"),
         (STUBS, "pools.prefill", {"engines": 1}, r"pools.prefill: unknown key; this section takes: context, generation"),
         (STUBS, "pool", {}, r"pool: unknown key"),
@@ -105,6 +107,8 @@ def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         (STUBS, "orchestrator.settings", {"max_retrys": 1}, r"orchestrator.settings.max_retrys: unknown orchestrator setting"),
         (STUBS, "orchestrator.settings", {"context_policy": "random"}, r"orchestrator.settings.context_policy: is set by the deployment's pools and routing"),
         (STUBS, "orchestrator.settings", {"engine_timeout_s": 0}, r"orchestrator.settings: .*'engine_timeout_s' must be > 0"),
+        (STUBS, "orchestrator.settings", {"max_in_flight": -1}, r"orchestrator.settings: .*'max_in_flight' must be >= 0, got -1"),
+        (STUBS, "orchestrator.settings", {"max_in_flight": "many"}, r"orchestrator.settings: .*'max_in_flight' must be a int, got 'many'"),
         (STUBS, "orchestrator.instances", 0, r"orchestrator.instances: must be >= 1"),
         (STUBS, "orchestrator.postprocessing_instances", 0, r"orchestrator.postprocessing_instances: must be >= 1"),
         # servers
@@ -170,6 +174,22 @@ def test_instance_counts_reach_the_generated_configs(tmp_path: Path) -> None:
     assert counts == {"orchestrator": 3, "postprocessing": 2}
     post = _model_config(repos["main"] / "postprocessing" / "config.pbtxt")
     assert post.dynamic_batching.preserve_ordering  # what keeps streams in order with several instances
+
+
+def test_load_bounds_reach_the_generated_configs(tmp_path: Path) -> None:
+    """`max_in_flight` (orchestrator setting) and `max_queued_requests` (stub knob; 0 = unlimited)
+    are passed through like every other key, and the models parse them back at load."""
+    data = edited(STUBS, "orchestrator.settings", {"max_in_flight": 256})
+    data = edited(data, "pools.generation.stub", {"max_queued_requests": 0})
+    data = edited(data, "pools.context.stub", {"max_queued_requests": 32})
+    repo = build(parse(data), tmp_path)["main"]
+
+    def params(model: str) -> dict[str, str]:
+        return {k: v.string_value for k, v in _model_config(repo / model / "config.pbtxt").parameters.items()}
+
+    assert OrchestratorConfig.from_parameters(params("orchestrator")).max_in_flight == 256
+    assert EngineConfig.from_parameters(params("generation_0")).max_queued_requests == 0
+    assert EngineConfig.from_parameters(params("context_0")).max_queued_requests == 32
 
 
 def test_engines_over_grpc_names_even_local_engines_by_endpoint() -> None:

@@ -160,7 +160,7 @@ def test_unreachable_context_engine_is_unavailable() -> None:
     async def body() -> None:
         ctx, gen = new_core("ctx"), new_core("gen", kv_transport="tcp")
         _, blob = await context_blob(ctx, request(PROMPT))
-        await ctx.server.close()
+        await ctx.exchange.server.close()
         sink = await submit(gen, request(PROMPT, request_type=RequestType.GENERATION_ONLY, blob=blob))
         await sink.done.wait()
         error = sink.assert_failed()

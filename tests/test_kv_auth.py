@@ -174,7 +174,7 @@ def test_a_pull_without_the_secret_is_refused_and_the_lease_stays() -> None:
         handoff = Handoff.decode(blob, TEST_KEYS)
         with pytest.raises(KVCacheGone, match="unauthenticated KV pull"):
             await TcpTransport(OTHER_KEYS).pull(handoff, 0, 1)
-        assert ctx.server.refused == 1
+        assert ctx.exchange.server.refused == 1
         assert (await TcpTransport(TEST_KEYS).pull(handoff, 0, 1)).shape[1] == 1  # the lease was kept for a real pull
 
     run(body)
@@ -186,7 +186,7 @@ def test_a_pull_of_the_previous_protocol_is_refused() -> None:
     async def body() -> None:
         ctx = new_core("ctx")
         _, blob = await context_blob(ctx, request(PROMPT))
-        reader, writer = await asyncio.open_connection("127.0.0.1", ctx.server.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ctx.exchange.server.port)
         await reader.readexactly(4 + NONCE_LEN)
         writer.write(struct.pack("<4sQIIB", b"KVP1", Handoff.decode(blob, TEST_KEYS).lease_id, 0, 1, 0).ljust(21 + NONCE_LEN + MAC_LEN, b"\0"))
         status = await reader.readexactly(1)

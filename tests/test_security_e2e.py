@@ -15,7 +15,6 @@ import asyncio
 import re
 import select
 import socket
-import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +32,7 @@ from scripts.launch import TritonServer
 from scripts.metrics import held, wait_released
 from scripts.overhead import ZERO_COST
 from scripts.repository import FRONTEND_MODELS, ModelSpec, derive
-from tests.test_bad_input import GEN, IDS, call, text_request, token_request
+from tests.test_bad_input import GEN, call, text_request, token_request
 
 CODES = tuple(f"{code.value}: " for code in ErrorCode)
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

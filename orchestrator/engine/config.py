@@ -9,6 +9,12 @@ Scheduling:
 - `max_num_tokens` (8192): tokens processed in one step (one per decoding sequence plus
   each admitted prompt's uncached tokens); a longer prompt runs as its step's only prefill.
 - `max_input_len` (4096): longest accepted prompt, in tokens.
+- `max_queued_requests` (512; 0: unlimited): requests waiting for admission (not yet
+  running, pulling or holding KV blocks). One more is refused at once with
+  `UNAVAILABLE: overloaded: ...` (counted in `disagg_engine_rejected_total`) rather than
+  queued; the orchestrator then tries another engine and leaves this one's health alone.
+  512 = 8 x max_batch_size: the committed pools of 2 queue 1024 besides the 128 they run, so
+  one orchestrator instance (max_in_flight 1024) is refused there before engines refuse.
 
 KV cache (`kv_cache.py`, `block_pool.py`):
 - `tokens_per_block` (32), `max_tokens_in_paged_kv_cache` (65536): the pool has
@@ -82,6 +88,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_num_tokens: int = 8192
     max_input_len: int = 4096
+    max_queued_requests: int = 512
     tokens_per_block: int = 32
     max_tokens_in_paged_kv_cache: int = 65536
     enable_kv_cache_reuse: bool = True
@@ -107,8 +114,12 @@ class EngineConfig:
     transfer_us_per_token: float = 5.2
 
     def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError(f"engine parameter 'max_queued_requests' must be >= 0 (0: unlimited), got {self.max_queued_requests}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "max_queued_requests":  # 0 means unlimited: checked above
+                continue
             if f.type == "int" and value < 1:
                 raise ValueError(f"engine parameter '{f.name}' must be >= 1, got {value}")
             if f.type == "float" and not value >= 0:

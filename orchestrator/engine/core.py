@@ -19,6 +19,9 @@ Outputs go to a `Sink` per request (the Triton adapter wraps a response sender);
 submitted request gets exactly one final output or one error, and every path (finish,
 error, cancellation, stop, shutdown) gives its KV blocks back.
 
+Load: at most `max_queued_requests` wait for admission; one more is refused at once
+(`UNAVAILABLE: overloaded: ...`), never queued, so overload is answered instead of stored.
+
 Ending a request early: Triton cancellation (polled every `cancel_check_ms`) ends it with
 CANCELLED; `stop(request_id)` (TensorRT-LLM's `stop=true` request with the same id) ends
 it with an empty final output and also drops a lease its context phase left unpulled.
@@ -32,20 +35,20 @@ from collections import deque
 from typing import Callable
 
 from orchestrator.contract import EngineOutput, EngineRequest, RequestType
-from orchestrator.engine.block_hash import block_hashes, prompt_digest
+from orchestrator.engine.block_hash import block_hashes
 from orchestrator.engine.block_pool import BlockPool
 from orchestrator.engine.config import EngineConfig
 from orchestrator.engine.faults import chosen_fault
-from orchestrator.engine.handoff import Handoff, check_handoff
-from orchestrator.engine.kv_auth import KeyRing, PeerHosts, PulledHandoffs
+from orchestrator.engine.kv_auth import KeyRing
+from orchestrator.engine.kv_exchange import KvExchange
 from orchestrator.engine.kv_cache import Allocation, KVCacheManager
 from orchestrator.engine.kv_layout import convert
 from orchestrator.engine.kv_store import KVStore
 from orchestrator.engine.leases import LeaseTable
 from orchestrator.engine.tiny_model import InductionModel, SequenceKV
 from orchestrator.engine.sequence import EngineSequence, Sink, check_prompt, max_slots, output_for, partial_output, take_token
-from orchestrator.engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
-from orchestrator.errors import ErrorCode, InvalidInput, RequestError, as_request_error
+from orchestrator.engine.transfer import KVTransport
+from orchestrator.errors import ErrorCode, InvalidInput, Overloaded, RequestError, as_request_error
 from orchestrator.metric_registry import MemoryRegistry
 from orchestrator.telemetry import ENGINE_SPECS, Telemetry
 
@@ -66,9 +69,6 @@ class EngineCore:
         keys: KeyRing | None = None,
     ) -> None:
         self.name = name
-        self.keys = keys or KeyRing.load(config.kv_secret_file, config.kv_secret_env)
-        self.peers = PeerHosts(config.kv_peer_hosts, config.kv_transfer_host)
-        self.pulled = PulledHandoffs()
         self.telemetry = telemetry or Telemetry(MemoryRegistry(ENGINE_SPECS), deferred=False)
         self.config = config
         self.geometry = config.geometry
@@ -76,9 +76,7 @@ class EngineCore:
         self.store = KVStore(self.geometry, config.layout, config.num_kv_blocks, shared=True, label=name)
         self.kv = KVCacheManager(BlockPool(config.num_kv_blocks), config.tokens_per_block, config.enable_kv_cache_reuse)
         self.leases = LeaseTable(self.kv, config.kv_lease_timeout_s, on_release=self._wake)
-        self.server = TransferServer(self.store, self.leases, self.keys, config.kv_transfer_host)
-        self.transport = transport or make_transport(config.kv_transport, self.keys)
-        self._host_id = host_id()
+        self.exchange = KvExchange(name, config, self.store, self.leases, keys, transport)
         self._clock_ns = clock_ns
         self._waiting: deque[EngineSequence] = deque()
         self._pulling: set[EngineSequence] = set()
@@ -99,7 +97,7 @@ class EngineCore:
     async def start(self) -> None:
         """Start the KV transfer server (idempotent, concurrent callers share one start)."""
         if self._started is None:
-            self._started = asyncio.ensure_future(self.server.start())
+            self._started = asyncio.ensure_future(self.exchange.start())
         await asyncio.shield(self._started)  # a caller cancelled mid-start must not cancel the start
 
     async def close(self) -> None:
@@ -117,8 +115,7 @@ class EngineCore:
         self._ready.clear()
         self._running.clear()
         self.leases.close()
-        await self.server.close()
-        close_transport(self.transport)
+        await self.exchange.close()
         self.store.close()
 
     @property
@@ -127,7 +124,8 @@ class EngineCore:
 
     # -- intake ---------------------------------------------------------------------
     def submit(self, request: EngineRequest, sink: Sink, fault: object = None) -> None:
-        """Queue a request; raises InvalidInput (nothing queued) when it cannot be served.
+        """Queue a request; raises InvalidInput (nothing queued) when it cannot be served,
+        Overloaded when `max_queued_requests` already wait.
 
         `fault` is the request parameter of that name (an injected fault for this request).
         """
@@ -146,10 +144,11 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_for(need)} KV blocks (prompt + max_tokens = {need} tokens) but engine "
                 f"'{self.name}' has {self.kv.pool.num_blocks}; lower max_tokens or raise max_tokens_in_paged_kv_cache"
             )
+        self._check_queue()
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
         seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault)
         if request.request_type is RequestType.GENERATION_ONLY:
-            seq.handoff = check_handoff(request, self.geometry, self.keys, self.peers, self.pulled, self._clock_ns())
+            seq.handoff = self.exchange.check(request, self._clock_ns())
         if fault in ("hang", "stall"):
             self._stalled.append(seq)
             self._ensure_loop()  # its cancellation poll ends the stalled request
@@ -157,6 +156,22 @@ class EngineCore:
         self._waiting.append(seq)
         self._ensure_loop()
         self._wake()
+
+    def _check_queue(self) -> None:
+        """Refuse at once (Overloaded, counted) when `max_queued_requests` wait for admission:
+        a queue that grows without bound only turns overload into memory and latency."""
+        limit = self.config.max_queued_requests
+        if limit and self.waiting >= limit:
+            self.telemetry.inc("disagg_engine_rejected_total", {"engine": self.name, "reason": "overloaded"})
+            raise Overloaded(
+                f"engine '{self.name}' has {self.waiting} requests waiting for admission "
+                f"(max_queued_requests={limit}); retry later, or raise max_queued_requests or add engines"
+            )
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for admission (what `max_queued_requests` bounds)."""
+        return len(self._waiting)
 
     def stop(self, request_id: str) -> int:
         """End the requests with this id wherever they are (an empty final output each) and drop
@@ -330,12 +345,12 @@ class EngineCore:
         started = time.perf_counter()
         try:
             first, count = alloc.reused, self.kv.blocks_for(handoff.num_tokens) - alloc.reused
-            shards = await self.transport.pull(handoff, first, count)
+            shards = await self.exchange.pull(handoff, first, count)
             self.store.write_blocks(alloc.blocks[first : first + count], convert(self.geometry, handoff.layout, self.config.layout, shards))
             kv.length = handoff.num_tokens
             self.model.reindex(self.store, kv)
             self.kv.commit(alloc, seq.tokens)
-            self.pulled.add(handoff.mac, handoff.expires_ns, self._clock_ns())
+            self.exchange.pulled_ok(handoff, self._clock_ns())
             pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
             await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (time.perf_counter() - started)))
             engine = {"engine": self.name}
@@ -433,13 +448,7 @@ class EngineCore:
             seq.alloc = None  # the lease holds the blocks now
             if seq.fault == "drop_lease":
                 self.leases.drop(lease)
-            blob = Handoff(
-                request_id=req.request_id, source_engine=self.name, first_token=first, num_tokens=len(req.input_ids),
-                prompt_digest=prompt_digest(req.input_ids), lease_id=lease, geometry=self.geometry,
-                layout=self.config.layout, host=self.config.kv_transfer_host, port=self.server.port,
-                host_id=self._host_id, shm_name=self.store.shm_name,
-                expires_ns=now + int(self.config.kv_lease_timeout_s * 1e9),
-            ).encode(self.keys)  # fmt: skip
+            blob = self.exchange.issue(req, first, lease, now)
         output = output_for(seq, tokens, now, context_phase_params=blob)
         self._finish(seq)
         self._deliver(seq, output, final=True)
