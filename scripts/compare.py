@@ -17,7 +17,7 @@ phase of the first disaggregated deployment, with its stub knobs:
 - generation-only: whole requests to an engine with the generation pool's knobs but free
   prefill (prefill_us_per_token=0), so what is measured is decoding at each concurrency:
   tokens/s and tokens/s per user.
-`orchestrator.rate_matching` combines them into the best c:g for up to as many engines as
+`orchestrator.bench.rate_matching` combines them into the best c:g for up to as many engines as
 the deployments have, and the Pareto frontier.
 
 Writes OUT/compare.json (everything), OUT/<deployment>.csv (one row per concurrency),
@@ -38,10 +38,10 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench_stats import Summary, write_csv  # noqa: E402
-from orchestrator.deployment import Deployment, Pool, load  # noqa: E402
-from orchestrator.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto  # noqa: E402
-from orchestrator.workload import LengthDist, Workload  # noqa: E402
+from orchestrator.bench.stats import Summary, write_csv  # noqa: E402
+from orchestrator.ops.deployment import Deployment, Pool, load  # noqa: E402
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto  # noqa: E402
+from orchestrator.bench.workload import LengthDist, Workload  # noqa: E402
 from scripts.deploy import on_free_ports, serve  # noqa: E402
 from scripts.launch import TritonServer  # noqa: E402
 from scripts.loadgen import format_table, run_load, run_meta, sweep  # noqa: E402

@@ -29,7 +29,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.workload import LengthDist, Workload  # noqa: E402
+from orchestrator.bench.workload import LengthDist, Workload  # noqa: E402
 from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 from scripts.stacks import process_tree  # noqa: E402

@@ -9,7 +9,7 @@ The file format is in the README ("Deployments"); every error names the key at f
 Stub engines' configs are derived from the committed `model_repository/` (the version
 folders link to its code); `tensorrtllm` engines get the real backend's config.
 
-Every server of a deployment must share two secrets (orchestrator/access.py): the KV
+Every server of a deployment must share two secrets (orchestrator/ops/access.py): the KV
 secret that signs KV handoffs between engines and the admin key that locks Triton's admin
 APIs. `build` keeps them in `OUT/secrets.env` (mode 0600), made once: a rebuild into the same
 folder keeps them, so servers started before and after it still agree. `k8s` puts them in
@@ -30,12 +30,12 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV, check_admin_key, new_secret, write_private
-from orchestrator.deployment import Deployment, DeploymentError, Pool, load, mpi_world_size
-from orchestrator.engine.config import EngineConfig
-from orchestrator.k8s_manifests import SECRET_KEYS, in_cluster_file, manifests, secret_name
-from orchestrator.launch_plan import SECRETS_FILE, launch_script
-from orchestrator.trtllm_config import tensorrt_llm_config
+from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV, check_admin_key, new_secret, write_private
+from orchestrator.ops.deployment import Deployment, DeploymentError, Pool, load, mpi_world_size
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.ops.k8s_manifests import SECRET_KEYS, in_cluster_file, manifests, secret_name
+from orchestrator.ops.launch_plan import SECRETS_FILE, launch_script
+from orchestrator.ops.trtllm_config import tensorrt_llm_config
 from scripts.launch import TritonServer, free_port
 from scripts.repository import (
     DEFAULT_REPOSITORY,

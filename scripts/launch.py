@@ -18,11 +18,11 @@ as it is.
 
 As a command it also supervises the server: tritonserver runs under explicit model
 control (`--load-model=*`, the whole repository) and a model whose python stub process
-dies is unloaded and loaded again (`orchestrator.supervisor`; `--no-supervisor` turns it off).
+dies is unloaded and loaded again (`orchestrator.ops.supervisor`; `--no-supervisor` turns it off).
 
 Every server it starts locks Triton's admin APIs (model-repository, model-config,
 shared-memory, trace, logging) behind the header `admin-key` (gRPC:
-`triton-grpc-protocol-admin-key`; orchestrator/access.py): the key is `$DISAGG_ADMIN_KEY`,
+`triton-grpc-protocol-admin-key`; orchestrator/ops/access.py): the key is `$DISAGG_ADMIN_KEY`,
 else a random one; the command writes it to `--admin-key-file` (mode 0600, default
 `.triton/admin-key`). Restricted-API flags of your own after `--` replace ours for their
 protocol. The server's environment gets `DISAGG_KV_SECRET` (`$DISAGG_KV_SECRET`, else a
@@ -51,7 +51,7 @@ from typing import Literal, Sequence
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.access import (
+from orchestrator.ops.access import (
     ADMIN_KEY_ENV,
     GRPC_FLAG,
     HTTP_FLAG,
@@ -370,10 +370,10 @@ def run_supervised(
     stubs end themselves when their server is gone), the same command started again.
     SIGINT/SIGTERM to this process go on to the server (its graceful shutdown); the exit code
     is the server's. The repository API is called with the header that `command`'s
-    restricted-API flags demand (the admin key). The logic is `orchestrator.supervisor`;
+    restricted-API flags demand (the admin key). The logic is `orchestrator.ops.supervisor`;
     this is only its loop.
     """
-    from orchestrator.supervisor import RestartServer, shm_regions, supervise  # noqa: PLC0415 - the project
+    from orchestrator.ops.supervisor import RestartServer, shm_regions, supervise  # noqa: PLC0415 - the project
 
     current: list[subprocess.Popen[bytes]] = []
     stopping = False

@@ -19,8 +19,8 @@ from typing import Any, Callable, Protocol
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.bench_stats import RequestResult
-from orchestrator.workload import RequestSpec
+from orchestrator.bench.stats import RequestResult
+from orchestrator.bench.workload import RequestSpec
 from scripts.client import ensemble_inputs
 
 PROTOCOLS = ("grpc", "http")

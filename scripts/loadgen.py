@@ -56,8 +56,8 @@ from urllib.parse import urlsplit
 if __package__ in (None, ""):  # run as a script: make `scripts` and `orchestrator` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.bench_stats import RequestResult, Summary, load_key, summarize, write_csv, write_json  # noqa: E402
-from orchestrator.workload import LengthDist, RequestSpec, Workload  # noqa: E402
+from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json  # noqa: E402
+from orchestrator.bench.workload import LengthDist, RequestSpec, Workload  # noqa: E402
 from scripts.load_connections import PROTOCOLS, Connection, connect  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Read the `disagg_*` state gauges from a tritonserver's Prometheus endpoint.
 
 Engines and the orchestrator publish what they hold (requests, leases, KV blocks, child
-requests; see orchestrator/gauges.py) every 100 ms. `held()` lists the non-zero ones;
+requests; see orchestrator/telemetry/gauges.py) every 100 ms. `held()` lists the non-zero ones;
 `wait_released()` waits, bounded, until none is left: the no-leak check of the tests and
 the soak. Usage: `python3 scripts/metrics.py [--url 127.0.0.1:8002]` prints what is held.
 """
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import requests
 
-from orchestrator.gauges import HOLDING
+from orchestrator.telemetry.gauges import HOLDING
 
 _ANY = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

@@ -36,11 +36,11 @@ from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench_stats import RequestResult, Summary  # noqa: E402
-from orchestrator.tokenizer import BuiltinTokenizer  # noqa: E402
+from orchestrator.bench.stats import RequestResult, Summary  # noqa: E402
+from orchestrator.text.tokenizer import BuiltinTokenizer  # noqa: E402
 from scripts.client import token_inputs  # noqa: E402
 from scripts.launch import TritonServer  # noqa: E402
-from orchestrator.workload import LengthDist, RequestSpec, Workload  # noqa: E402
+from orchestrator.bench.workload import LengthDist, RequestSpec, Workload  # noqa: E402
 from scripts.loadgen import run_load, run_meta  # noqa: E402
 from scripts.repository import ModelSpec, write_model  # noqa: E402
 

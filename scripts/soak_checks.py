@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from orchestrator.gauges import HOLDING
+from orchestrator.telemetry.gauges import HOLDING
 from scripts.metrics import gauges as metric_gauges
 from scripts.metrics import samples as metric_samples
 from scripts.soak_plan import Key, Plan

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.tokenizer import WORDS
+from orchestrator.text.tokenizer import WORDS
 from scripts.launch import DEFAULT_REPOSITORY
 from scripts.repository import FRONTEND_MODELS, ModelSpec, derive
 

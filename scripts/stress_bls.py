@@ -12,7 +12,7 @@ with one verdict:
 - `stalled`: nothing finished for `stall_s` seconds while requests were in flight;
 - `failed`: some request ended with another error.
 
-Before the fix in orchestrator/triton_io.py and orchestrator/stub_fence.py, about half of
+Before the fix in orchestrator/runtime/triton_io.py and orchestrator/runtime/stub_fence.py, about half of
 such rounds ended `died` or `stalled` on a 2-core machine (BENCHMARKS.md has the counts).
 
     python scripts/stress_bls.py --rounds 20 [--requests 448] [--concurrency 64] [--json out.json]
@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from orchestrator.workload import words_prompt  # noqa: E402
+from orchestrator.bench.workload import words_prompt  # noqa: E402
 from scripts.client import ensemble_inputs  # noqa: E402
 from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
 from scripts.stacks import dump_threads  # noqa: E402

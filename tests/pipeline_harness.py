@@ -15,17 +15,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from orchestrator.config import OrchestratorConfig
-from orchestrator.contract import EngineOutput, parse_request
-from orchestrator.engine.config import EngineConfig
-from orchestrator.engine.core import EngineCore
-from orchestrator.engine_client import EngineClient, EngineReply, InProcessEngineClient
-from orchestrator.errors import RequestError
-from orchestrator.pipeline import Orchestrator
-from orchestrator.router import Router
-from orchestrator.postprocess import postprocess
-from orchestrator.preprocess import TextLimits, preprocess
-from orchestrator.tokenizer import BuiltinTokenizer
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.clients.engine_client import EngineClient, EngineReply, InProcessEngineClient
+from orchestrator.wire.errors import RequestError
+from orchestrator.serving.pipeline import Orchestrator
+from orchestrator.serving.router import Router
+from orchestrator.text.postprocess import postprocess
+from orchestrator.text.preprocess import TextLimits, preprocess
+from orchestrator.text.tokenizer import BuiltinTokenizer
 
 TOK = BuiltinTokenizer()
 T = TypeVar("T")
@@ -297,7 +297,7 @@ async def oracle(tensors: Tensors) -> tuple[int, ...]:
 
 def assert_same_text(streamed: str, expected: str) -> None:
     """Streamed text equals the non-streaming text; where the model emitted invalid UTF-8 mid-text,
-    only the number of U+FFFD may differ (the documented limit of orchestrator.detokenize)."""
+    only the number of U+FFFD may differ (the documented limit of orchestrator.text.detokenize)."""
     if "\ufffd" in expected.rstrip("\ufffd"):
         assert streamed.replace("\ufffd", "") == expected.replace("\ufffd", "")
     else:

@@ -1,4 +1,4 @@
-"""Triton's admin APIs are locked on every server TritonServer starts (orchestrator/access.py).
+"""Triton's admin APIs are locked on every server TritonServer starts (orchestrator/ops/access.py).
 
 Against a real tritonserver under explicit model control, on a one-model repository: the
 model-repository, model-config, shared-memory, trace and logging APIs refuse a call without

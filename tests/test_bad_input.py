@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.tokenizer import BuiltinTokenizer
+from orchestrator.text.tokenizer import BuiltinTokenizer
 from scripts.client import generate, grpc_inputs
 from scripts.launch import TritonServer
 

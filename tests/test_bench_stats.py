@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from orchestrator.bench_stats import (
+from orchestrator.bench.stats import (
     RequestResult,
     Summary,
     load_key,
@@ -20,8 +20,8 @@ from orchestrator.bench_stats import (
     write_csv,
     write_json,
 )
-from orchestrator.tokenizer import BuiltinTokenizer
-from orchestrator.workload import LengthDist, Workload, words_prompt
+from orchestrator.text.tokenizer import BuiltinTokenizer
+from orchestrator.bench.workload import LengthDist, Workload, words_prompt
 from scripts.loadgen import check_loopback, format_table
 
 TOK = BuiltinTokenizer()

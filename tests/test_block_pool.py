@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.engine.block_hash import SEED, block_hashes, chain_hash, prompt_digest
-from orchestrator.engine.block_pool import BlockPool
-from orchestrator.engine.kv_cache import KVCacheManager
+from orchestrator.wire.block_hash import SEED, block_hashes, chain_hash, prompt_digest
+from orchestrator.stub_engine.block_pool import BlockPool
+from orchestrator.stub_engine.kv_cache import KVCacheManager
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # tokens_per_block=4: two full blocks and a partial tail
 # Pinned: router and engines in different processes must agree; a change of SEED or of the
@@ -243,7 +243,7 @@ def test_extra_keys_and_lengths_change_the_hash():
 
 
 def test_hashes_are_the_same_in_another_process():
-    code = "from orchestrator.engine.block_hash import block_hashes; print(block_hashes(list(range(1, 9)), 4))"
+    code = "from orchestrator.wire.block_hash import block_hashes; print(block_hashes(list(range(1, 9)), 4))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(PINNED)

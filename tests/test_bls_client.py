@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.bls import BlsEngineClient
-from orchestrator.errors import ErrorCode
+from orchestrator.clients.bls import BlsEngineClient
+from orchestrator.wire.errors import ErrorCode
 
 
 class _Tensor:
@@ -180,8 +180,8 @@ def test_token_replies_waiting_behind_one_are_joined_into_one() -> None:
     """The loop fell behind: three token replies and the end are queued; one reply goes on."""
     from collections import deque
 
-    from orchestrator.bls import _END
-    from orchestrator.engine_client import EngineReply
+    from orchestrator.clients.bls import _END
+    from orchestrator.clients.engine_client import EngineReply
 
     client, _ = _client(_BlockingIterator([]))
 
@@ -202,7 +202,7 @@ def test_token_replies_waiting_behind_one_are_joined_into_one() -> None:
 def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
     from collections import deque
 
-    from orchestrator.engine_client import EngineReply
+    from orchestrator.clients.engine_client import EngineReply
 
     client, _ = _client(_BlockingIterator([]))
     failure = _Response(error=_Error("UNAVAILABLE: crashed", FakePb.TritonError.UNAVAILABLE))
@@ -234,7 +234,7 @@ def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
 
 def test_a_finished_iterator_is_held_by_the_fence_until_a_round_trip_crosses_it() -> None:
     """Triton 2.51's stub drops its own reference to a finished iterator later, off the GIL:
-    ours must outlive it (orchestrator/stub_fence.py)."""
+    ours must outlive it (orchestrator/runtime/stub_fence.py)."""
     iterator = _BlockingIterator([_Response([1]), _Response([2])])
     iterator.release.set()
     client, _ = _client(iterator)

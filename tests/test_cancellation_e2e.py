@@ -15,7 +15,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from orchestrator.tokenizer import BuiltinTokenizer
+from orchestrator.text.tokenizer import BuiltinTokenizer
 from scripts.client import ensemble_inputs, generate, token_inputs
 from scripts.launch import TritonServer
 from scripts.metrics import held, wait_released

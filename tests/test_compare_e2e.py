@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib.image
 
-from orchestrator.bench_stats import read_csv
+from orchestrator.bench.stats import read_csv
 from scripts.compare import main
 from scripts.launch import free_port
 

@@ -1,4 +1,4 @@
-"""The tensor contract (orchestrator.contract, orchestrator.stopping word lists) and config parsing.
+"""The tensor contract (orchestrator.wire.contract, orchestrator.wire.stop_condition word lists) and config parsing.
 
 Properties: accepted shapes parse to the same request, every rejected input raises
 InvalidInput naming that input, word lists round-trip, responses honour sequence_length,
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import OrchestratorConfig
-from orchestrator.contract import (
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.wire.contract import (
     FORWARDED_INPUTS,
     EngineOutput,
     EngineRequest,
@@ -25,11 +25,11 @@ from orchestrator.contract import (
     parse_request,
     with_batch_dim,
 )
-from orchestrator.engine.config import EngineConfig
-from orchestrator.errors import ErrorCode, InvalidInput
-from orchestrator.preprocess import TextLimits
-from orchestrator.routing import POLICIES, make_policy
-from orchestrator.stopping import StopCondition, build_word_list, parse_word_list
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.wire.errors import ErrorCode, InvalidInput
+from orchestrator.text.preprocess import TextLimits
+from orchestrator.routing.policies import POLICIES, make_policy
+from orchestrator.wire.stop_condition import StopCondition, build_word_list, parse_word_list
 
 Tensors = dict[str, np.ndarray]
 IDS = [259, 35, 102, 295, 35, 118]
@@ -421,7 +421,7 @@ def test_text_limits_parse_and_errors_name_the_key() -> None:
 
 
 def test_coalesce_joins_token_outputs_and_keeps_the_latest_of_the_rest() -> None:
-    from orchestrator.contract import coalesce
+    from orchestrator.wire.contract import coalesce
 
     first = {"output_ids": np.array([[[5, 6]]], dtype=np.int32), "sequence_length": np.array([[2]], dtype=np.int32),
              "num_output_tokens": np.array([[3]], dtype=np.int32), "last_token_time_ns": np.array([[10]], dtype=np.int64)}  # fmt: skip

@@ -19,12 +19,12 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
-from orchestrator.config import OrchestratorConfig
-from orchestrator.deployment import DeploymentError, load, mpi_world_size, parse
-from orchestrator.engine.config import EngineConfig
-from orchestrator.k8s_manifests import manifests
-from orchestrator.launch_plan import launch_script
+from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.ops.deployment import DeploymentError, load, mpi_world_size, parse
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.ops.k8s_manifests import manifests
+from orchestrator.ops.launch_plan import launch_script
 from scripts.deploy import CLUSTER_NETWORKS, build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
 from scripts.repository import DEFAULT_REPOSITORY
 

@@ -19,10 +19,10 @@ import sys
 import time
 from dataclasses import replace
 
-from orchestrator.deployment import load, parse
-from orchestrator.k8s_manifests import manifests
+from orchestrator.ops.deployment import load, parse
+from orchestrator.ops.k8s_manifests import manifests
 from scripts.client import generate
-from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
+from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from scripts.deploy import build, deployment_secrets
 from scripts.launch import TritonServer, free_port
 

@@ -1,4 +1,4 @@
-"""Tests for orchestrator.detokenize: streamed deltas must concatenate to the
+"""Tests for orchestrator.text.detokenize: streamed deltas must concatenate to the
 non-streaming completion for every way of splitting the generated ids."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.detokenize import (
+from orchestrator.text.detokenize import (
     FINAL,
     LOOKBACK,
     PREPEND_PROMPT,
@@ -25,7 +25,7 @@ from orchestrator.detokenize import (
     prompt_window,
     render,
 )
-from orchestrator.tokenizer import WORDS, BuiltinTokenizer, HuggingFaceTokenizer, Tokenizer
+from orchestrator.text.tokenizer import WORDS, BuiltinTokenizer, HuggingFaceTokenizer, Tokenizer
 
 TOK = BuiltinTokenizer()
 X_BYTE = TOK.encode("x")[0]

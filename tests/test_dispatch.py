@@ -1,4 +1,4 @@
-"""Which transport a child request takes (orchestrator/dispatch.py): a stream of many
+"""Which transport a child request takes (orchestrator/clients/dispatch.py): a stream of many
 responses never goes over BLS when the server's own gRPC endpoint is known; the server's
 address is read from a real process's command line."""
 
@@ -12,10 +12,10 @@ from typing import Any, AsyncIterator, Mapping
 import numpy as np
 import pytest
 
-from orchestrator.contract import stop_tensors
-from orchestrator.dispatch import EndpointClient, answers_once
-from orchestrator.engine_client import EngineReply
-from orchestrator.self_endpoint import grpc_address_from_argv, loopback_address, server_grpc_address
+from orchestrator.wire.contract import stop_tensors
+from orchestrator.clients.dispatch import EndpointClient, answers_once
+from orchestrator.clients.engine_client import EngineReply
+from orchestrator.runtime.self_endpoint import grpc_address_from_argv, loopback_address, server_grpc_address
 
 
 class _Recorder:

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.contract import RequestType, SamplingParams
-from orchestrator.engine.core import EngineCore
-from orchestrator.engine.handoff import MAGIC, Handoff
-from orchestrator.engine.kv_auth import KeyRing
-from orchestrator.engine.kv_layout import Geometry, Layout
-from orchestrator.errors import InvalidInput
+from orchestrator.wire.contract import RequestType, SamplingParams
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.stub_engine.handoff import MAGIC, Handoff
+from orchestrator.stub_engine.kv_auth import KeyRing
+from orchestrator.stub_engine.kv_layout import Geometry, Layout
+from orchestrator.wire.errors import InvalidInput
 from tests.engine_harness import (
     TEST_KEYS,
     OTHER_PROMPT,

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from orchestrator.contract import RequestType
-from orchestrator.engine.config import EngineConfig
-from orchestrator.engine.faults import chosen_fault
-from orchestrator.errors import ErrorCode, InvalidInput
+from orchestrator.wire.contract import RequestType
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.faults import chosen_fault
+from orchestrator.wire.errors import ErrorCode, InvalidInput
 from tests.engine_harness import PROMPT, context_blob, new_core, request, run, submit
 
 GEN_ONLY = RequestType.GENERATION_ONLY

@@ -14,11 +14,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from orchestrator.contract import RequestType
-from orchestrator.engine.config import EngineConfig
-from orchestrator.engine.handoff import Handoff
-from orchestrator.engine.transfer import KVTransport, TcpTransport, make_transport
-from orchestrator.errors import ErrorCode, InvalidInput
+from orchestrator.wire.contract import RequestType
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.handoff import Handoff
+from orchestrator.stub_engine.transfer import KVTransport, TcpTransport, make_transport
+from orchestrator.wire.errors import ErrorCode, InvalidInput
 from tests.engine_harness import (
     TEST_KEYS,
     RecordingSink,

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import EngineOutput, parse_request
-from orchestrator.detokenize import completion_text
-from orchestrator.engine.core import EngineCore
-from orchestrator.engine_client import EngineClient, EngineReply
-from orchestrator.errors import ErrorCode, RequestError
-from orchestrator.health import BreakerState
-from orchestrator.migration import continuation_tensors
-from orchestrator.router import Phase
-from orchestrator.stopping import build_word_list
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.text.detokenize import completion_text
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.clients.engine_client import EngineClient, EngineReply
+from orchestrator.wire.errors import ErrorCode, RequestError
+from orchestrator.routing.health import BreakerState
+from orchestrator.serving.migration import continuation_tensors
+from orchestrator.serving.router import Phase
+from orchestrator.wire.stop_condition import build_word_list
 from tests.pipeline_harness import (
     FREE,
     PROMPTS,

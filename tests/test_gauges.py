@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.gauges import StateGauges
+from orchestrator.telemetry.gauges import StateGauges
 
 
 class _Pb:

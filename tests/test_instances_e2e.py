@@ -1,7 +1,7 @@
 """Two orchestrator instances and two postprocessing instances in one real tritonserver.
 
 Each instance is a process of its own and Triton hands a request to any of them: a
-`stop=true` must reach the request wherever it runs (orchestrator/siblings.py), and a
+`stop=true` must reach the request wherever it runs (orchestrator/serving/siblings.py), and a
 stream's deltas must reach the client in order although two postprocessing processes
 render them (postprocessing's `preserve_ordering`). Leak gauges, one per orchestrator
 instance, must all return to zero.
@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from orchestrator.detokenize import completion_text
+from orchestrator.text.detokenize import completion_text
 from scripts.client import generate
 from scripts.launch import TritonServer
 from scripts.overhead import ZERO_COST

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contract import RequestType
-from orchestrator.engine.handoff import Handoff
-from orchestrator.engine.kv_auth import MAC_LEN, NONCE_LEN, KeyRing, PeerHosts, PulledHandoffs, SecretError, remove_stale_keys
-from orchestrator.engine.transfer import ShmTransport, TcpTransport
-from orchestrator.errors import ErrorCode, EngineUnavailable, InvalidInput, KVCacheGone
+from orchestrator.wire.contract import RequestType
+from orchestrator.stub_engine.handoff import Handoff
+from orchestrator.stub_engine.kv_auth import MAC_LEN, NONCE_LEN, KeyRing, PeerHosts, PulledHandoffs, SecretError, remove_stale_keys
+from orchestrator.stub_engine.transfer import ShmTransport, TcpTransport
+from orchestrator.wire.errors import ErrorCode, EngineUnavailable, InvalidInput, KVCacheGone
 from tests.engine_harness import PROMPT, TEST_KEYS, RecordingSink, complete, context_blob, new_core, request, run
 
 OTHER_KEYS = KeyRing.parse("a-secret-of-another-deployment", "the attacker")

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.engine import kv_store
-from orchestrator.engine.kv_layout import DTYPE, Geometry, Layout, convert
-from orchestrator.engine.kv_store import KVStore
-from orchestrator.engine.tiny_model import InductionModel, SequenceKV
+from orchestrator.stub_engine import kv_store
+from orchestrator.stub_engine.kv_layout import DTYPE, Geometry, Layout, convert
+from orchestrator.stub_engine.kv_store import KVStore
+from orchestrator.stub_engine.tiny_model import InductionModel, SequenceKV
 
 G = Geometry(tokens_per_block=4)  # 4 layers, 4 heads, head_dim 2
 LAYOUTS = [Layout(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 4)]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.engine.kv_store import remove_orphans
+from orchestrator.stub_engine.kv_store import remove_orphans
 
 
 def test_segments_of_dead_creators_are_removed_and_nothing_else(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.access import ADMIN_KEY_ENV, KV_SECRET_ENV
+from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from scripts.launch import Installation, LaunchError, TritonServer, publish_admin_key
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import parse_request
-from orchestrator.engine.config import EngineConfig
-from orchestrator.errors import DuplicateRequest, ErrorCode, InvalidInput
-from orchestrator.metric_registry import MemoryRegistry
+from orchestrator.wire.contract import parse_request
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.wire.errors import DuplicateRequest, ErrorCode, InvalidInput
+from orchestrator.telemetry.registry import MemoryRegistry
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, oracle, run
 
 IDLE = {"active_requests": 0, "leases": 0, "kv_blocks_in_use": 0, "kv_blocks_reserved": 0}

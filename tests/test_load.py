@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import RequestType, parse_request
-from orchestrator.engine.config import EngineConfig
-from orchestrator.engine.core import EngineCore
-from orchestrator.errors import ErrorCode, Overloaded, RequestError, is_overloaded
-from orchestrator.health import BreakerState
-from orchestrator.metric_registry import MemoryRegistry
-from orchestrator.pipeline import Orchestrator
-from orchestrator.router import Phase, Router
+from orchestrator.wire.contract import RequestType, parse_request
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.wire.errors import ErrorCode, Overloaded, RequestError, is_overloaded
+from orchestrator.routing.health import BreakerState
+from orchestrator.telemetry.registry import MemoryRegistry
+from orchestrator.serving.pipeline import Orchestrator
+from orchestrator.serving.router import Phase, Router
 from tests import engine_harness as eh
 from tests.pipeline_harness import (
     FREE,

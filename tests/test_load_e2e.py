@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from orchestrator.detokenize import completion_text
+from orchestrator.text.detokenize import completion_text
 from scripts.client import ensemble_inputs, generate, token_inputs
 from scripts.launch import TritonServer
 from scripts.metrics import samples, total, wait_released

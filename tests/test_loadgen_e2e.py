@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from orchestrator.bench_stats import RequestResult, read_csv, read_json, write_csv, write_json
+from orchestrator.bench.stats import RequestResult, read_csv, read_json, write_csv, write_json
 from scripts.launch import TritonServer
 from scripts.loadgen import LengthDist, Workload, main, run_load, sweep
 from scripts.metrics import wait_released

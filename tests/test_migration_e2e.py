@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.detokenize import completion_text
+from orchestrator.text.detokenize import completion_text
 from scripts.client import generate
 from scripts.launch import TritonServer
 from scripts.metrics import samples, samples_until, total, wait_released

@@ -17,8 +17,8 @@ from tritonclient.utils import InferenceServerException
 from scripts.client import generate
 import yaml
 
-from orchestrator.access import KV_SECRET_ENV
-from orchestrator.deployment import parse
+from orchestrator.ops.access import KV_SECRET_ENV
+from orchestrator.ops.deployment import parse
 from scripts.deploy import deployment_secrets, on_free_ports, serve
 from scripts.launch import TritonServer
 

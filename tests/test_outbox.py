@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import EngineOutput, parse_request
-from orchestrator.detokenize import completion_text
-from orchestrator.engine.sequence import join_outputs
-from orchestrator.errors import RequestError
-from orchestrator.outbox import Outbox
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.text.detokenize import completion_text
+from orchestrator.stub_engine.sequence import join_outputs
+from orchestrator.wire.errors import RequestError
+from orchestrator.runtime.outbox import Outbox
 from tests.pipeline_harness import PROMPTS, TOK, Response, client_tensors, cluster, oracle, prompt_ids
 
 
@@ -177,8 +177,8 @@ def test_a_finished_request_is_freed_without_waiting_for_the_garbage_collector(o
     import gc
     import weakref
 
-    from orchestrator.detokenize import DetokWindow
-    from orchestrator.progress import Progress
+    from orchestrator.text.detokenize import DetokWindow
+    from orchestrator.serving.progress import Progress
 
     tensors = client_tensors(PROMPTS["ascii"], 4, streaming=True)
     request = parse_request(tensors, {}, "freed")

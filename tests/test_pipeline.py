@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.contract import parse_request
-from orchestrator.detokenize import completion_text
-from orchestrator.engine_client import EngineReply
-from orchestrator.errors import ErrorCode
+from orchestrator.wire.contract import parse_request
+from orchestrator.text.detokenize import completion_text
+from orchestrator.clients.engine_client import EngineReply
+from orchestrator.wire.errors import ErrorCode
 from tests.pipeline_harness import (
     CONTEXT,
     FREE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.rate_matching import (
+from orchestrator.bench.rate_matching import (
     ContextPoint,
     GenerationPoint,
     RatePoint,

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 
-from orchestrator.contract import EngineOutput
-from orchestrator.engine_client import EngineReply
-from orchestrator.errors import ErrorCode
-from orchestrator.endpoints import RemoteEndpoint
-from orchestrator.remote import GrpcEngineClient
+from orchestrator.wire.contract import EngineOutput
+from orchestrator.clients.engine_client import EngineReply
+from orchestrator.wire.errors import ErrorCode
+from orchestrator.clients.endpoints import RemoteEndpoint
+from orchestrator.clients.remote import GrpcEngineClient
 from scripts.launch import TritonServer, free_port
 
 T = TypeVar("T")

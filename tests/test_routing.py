@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import OrchestratorConfig, Pools
-from orchestrator.endpoints import parse_endpoint
-from orchestrator.engine.block_hash import block_hashes
-from orchestrator.errors import EngineUnavailable
-from orchestrator.health import BreakerSettings, BreakerState, CircuitBreaker
-from orchestrator.prefix_index import PrefixIndex
-from orchestrator.router import Phase, Router
-from orchestrator.routing import POLICIES, Candidate, PolicyOptions, RouteRequest, make_policy
+from orchestrator.serving.config import OrchestratorConfig, Pools
+from orchestrator.clients.endpoints import parse_endpoint
+from orchestrator.wire.block_hash import block_hashes
+from orchestrator.wire.errors import EngineUnavailable
+from orchestrator.routing.health import BreakerSettings, BreakerState, CircuitBreaker
+from orchestrator.routing.prefix_index import PrefixIndex
+from orchestrator.serving.router import Phase, Router
+from orchestrator.routing.policies import POLICIES, Candidate, PolicyOptions, RouteRequest, make_policy
 
 REQ = RouteRequest("r", prompt_tokens=320, prompt_blocks=10, tokens_per_block=32)
 

@@ -38,7 +38,7 @@ class Deployment:
     def __init__(self, server: TritonServer, repo: Path) -> None:
         self.server, self.repo = server, repo
         self.admin = grpcclient.InferenceServerClient(server.grpc_url)
-        self.key = server.admin_headers("grpc")  # the repository API is locked (orchestrator/access.py)
+        self.key = server.admin_headers("grpc")  # the repository API is locked (orchestrator/ops/access.py)
 
     def served(self, model: str) -> int:
         """Requests the model finished, by Triton's statistics (0 when it is not loaded)."""

@@ -24,10 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.engine.handoff import Handoff
-from orchestrator.engine.kv_auth import KeyRing
-from orchestrator.engine.transfer import TcpTransport
-from orchestrator.errors import ErrorCode
+from orchestrator.stub_engine.handoff import Handoff
+from orchestrator.stub_engine.kv_auth import KeyRing
+from orchestrator.stub_engine.transfer import TcpTransport
+from orchestrator.wire.errors import ErrorCode
 from scripts.launch import TritonServer
 from scripts.metrics import held, wait_released
 from scripts.overhead import ZERO_COST

@@ -28,7 +28,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from orchestrator.supervisor import find_stubs
+from orchestrator.ops.supervisor import find_stubs
 from scripts.launch import REPO_ROOT, free_port
 
 RECOVERY_S = 30.0  # the task's bound: requests succeed again within 30 s of the kill

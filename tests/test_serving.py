@@ -12,8 +12,8 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.detokenize import completion_text
-from orchestrator.tokenizer import BuiltinTokenizer
+from orchestrator.text.detokenize import completion_text
+from orchestrator.text.tokenizer import BuiltinTokenizer
 from scripts.client import Delta, generate, grpc_inputs
 from scripts.launch import TritonServer
 
@@ -58,7 +58,7 @@ def test_no_error_lines_in_the_server_log(server: TritonServer) -> None:
     """Run late (this module runs after the bad-input and cancellation tests have loaded the
     server): no error line, and in particular not the python backend stub's
     `Cannot remove future from background; KeyError`, the mark of the async-execute race
-    that crashed stubs under load (orchestrator/loop_thread.py)."""
+    that crashed stubs under load (orchestrator/runtime/loop_thread.py)."""
     list(generate(server.grpc_url, "the cat sat on the mat", 8, stream=True))
     log = server.log_text()
     assert "Cannot remove future from background" not in log

@@ -1,4 +1,4 @@
-"""Stop forwarding between orchestrator instances (orchestrator/siblings.py), without Triton:
+"""Stop forwarding between orchestrator instances (orchestrator/serving/siblings.py), without Triton:
 three instances' sockets in one process, on one event loop."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 
-from orchestrator.siblings import Instances, SiblingStops
+from orchestrator.serving.siblings import Instances, SiblingStops
 
 
 def args(instance: str, count: int = 3) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """StubFence: what is retired stays referenced until a round trip that started after it
-has answered "not cancelled" (orchestrator/stub_fence.py says why)."""
+has answered "not cancelled" (orchestrator/runtime/stub_fence.py says why)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from orchestrator.stub_fence import StubFence
+from orchestrator.runtime.stub_fence import StubFence
 
 
 class _Held:

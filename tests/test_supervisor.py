@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.supervisor import RepositoryApi, RestartServer, StubWatch, Supervisor, find_stubs, sibling_stub_deaths
+from orchestrator.ops.supervisor import RepositoryApi, RestartServer, StubWatch, Supervisor, find_stubs, sibling_stub_deaths
 
 # Starts one sleeping child per model named on stdin ("start m"), prints its pid; "reap PID"
 # stops and reaps one (what Triton does on unload); "exit" ends it.

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.contract import parse_request
-from orchestrator.engine.config import EngineConfig
-from orchestrator.metric_registry import MemoryRegistry, TritonRegistry, MetricSpec
-from orchestrator.telemetry import RateLimitedLog, RequestRecord, Telemetry
+from orchestrator.wire.contract import parse_request
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.telemetry.registry import MemoryRegistry, TritonRegistry, MetricSpec
+from orchestrator.telemetry.recorder import RateLimitedLog, RequestRecord, Telemetry
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, run
 
 

@@ -1,4 +1,4 @@
-"""Tests for orchestrator.tokenizer: builtin vocabulary, round trip, the
+"""Tests for orchestrator.text.tokenizer: builtin vocabulary, round trip, the
 SentencePiece leading-space trap, and the HuggingFace loader."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.tokenizer import (
+from orchestrator.text.tokenizer import (
     BYTE_OFFSET,
     EOS_ID,
     PAD_ID,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator import triton_io as io
+from orchestrator.runtime import triton_io as io
 
 
 class _Pb:

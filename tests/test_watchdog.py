@@ -11,7 +11,7 @@ from scripts.launch import REPO_ROOT
 _PROGRAM = r"""
 import asyncio, sys, time
 sys.path.insert(0, sys.argv[1])
-from orchestrator.watchdog import StuckExit
+from orchestrator.runtime.watchdog import StuckExit
 
 async def main(stop_first):
     watchdog = StuckExit(0.5)

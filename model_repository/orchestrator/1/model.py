@@ -1,7 +1,7 @@
-"""The disaggregated orchestrator model (logic: orchestrator/pipeline.py).
+"""The disaggregated orchestrator model (logic: orchestrator/serving/pipeline.py).
 
 Decoupled: execute() hands each batch to the orchestrator's own event loop thread
-(orchestrator/loop_thread.py says why not `async def execute`) and returns, so one
+(orchestrator/runtime/loop_thread.py says why not `async def execute`) and returns, so one
 instance serves many requests at once; every request ends with exactly one final
 response or typed error, sent by the pipeline. A `stop=true` request ends the in-flight
 request with its id. What is in flight is published as `disagg_orchestrator_*` gauges.
@@ -14,23 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from orchestrator import triton_io as io  # noqa: E402
-from orchestrator.bls import BlsEngineClient  # noqa: E402
-from orchestrator.config import OrchestratorConfig  # noqa: E402
-from orchestrator.contract import PERF_OUTPUTS, is_stop_request, parse_request  # noqa: E402
-from orchestrator.dispatch import EndpointClient, grpc_client  # noqa: E402
-from orchestrator.errors import as_request_error  # noqa: E402
-from orchestrator.gauges import StateGauges  # noqa: E402
-from orchestrator.loop_thread import LoopThread  # noqa: E402
-from orchestrator.metric_registry import TritonRegistry  # noqa: E402
-from orchestrator.outbox import Outbox  # noqa: E402
-from orchestrator.telemetry import SPECS, RateLimitedLog, Telemetry  # noqa: E402
-from orchestrator.pipeline import Orchestrator  # noqa: E402
-from orchestrator.self_endpoint import loopback_address  # noqa: E402
-from orchestrator.siblings import SiblingStops  # noqa: E402
-from orchestrator.stub_fence import StubFence  # noqa: E402
-from orchestrator.supervisor import sibling_stub_deaths  # noqa: E402
-from orchestrator.watchdog import StuckExit  # noqa: E402
+from orchestrator.runtime import triton_io as io  # noqa: E402
+from orchestrator.clients.bls import BlsEngineClient  # noqa: E402
+from orchestrator.serving.config import OrchestratorConfig  # noqa: E402
+from orchestrator.wire.contract import PERF_OUTPUTS, is_stop_request, parse_request  # noqa: E402
+from orchestrator.clients.dispatch import EndpointClient, grpc_client  # noqa: E402
+from orchestrator.wire.errors import as_request_error  # noqa: E402
+from orchestrator.telemetry.gauges import StateGauges  # noqa: E402
+from orchestrator.runtime.loop_thread import LoopThread  # noqa: E402
+from orchestrator.telemetry.registry import TritonRegistry  # noqa: E402
+from orchestrator.runtime.outbox import Outbox  # noqa: E402
+from orchestrator.telemetry.recorder import SPECS, RateLimitedLog, Telemetry  # noqa: E402
+from orchestrator.serving.pipeline import Orchestrator  # noqa: E402
+from orchestrator.runtime.self_endpoint import loopback_address  # noqa: E402
+from orchestrator.serving.siblings import SiblingStops  # noqa: E402
+from orchestrator.runtime.stub_fence import StubFence  # noqa: E402
+from orchestrator.ops.supervisor import sibling_stub_deaths  # noqa: E402
+from orchestrator.runtime.watchdog import StuckExit  # noqa: E402
 
 ENGINE_OUTPUTS = (
     "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",

@@ -1,4 +1,4 @@
-"""Preprocessing: ensemble text inputs -> token ids (logic: orchestrator/preprocess.py)."""
+"""Preprocessing: ensemble text inputs -> token ids (logic: orchestrator/text/preprocess.py)."""
 
 import sys
 from pathlib import Path
@@ -7,10 +7,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from orchestrator import triton_io as io  # noqa: E402
-from orchestrator.errors import as_request_error  # noqa: E402
-from orchestrator.preprocess import TextLimits, preprocess  # noqa: E402
-from orchestrator.tokenizer import load_tokenizer  # noqa: E402
+from orchestrator.runtime import triton_io as io  # noqa: E402
+from orchestrator.wire.errors import as_request_error  # noqa: E402
+from orchestrator.text.preprocess import TextLimits, preprocess  # noqa: E402
+from orchestrator.text.tokenizer import load_tokenizer  # noqa: E402
 
 
 class TritonPythonModel:

@@ -1,1 +1,0 @@
-"""The stub engine: a CPU stand-in for a TensorRT-LLM executor (one per engine model)."""
