@@ -38,16 +38,16 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench.stats import Summary, write_csv  # noqa: E402
-from orchestrator.ops.deployment import Deployment, Pool, load  # noqa: E402
-from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto  # noqa: E402
-from orchestrator.bench.workload import LengthDist, Workload  # noqa: E402
-from scripts.deploy import on_free_ports, serve  # noqa: E402
-from scripts.launch import TritonServer  # noqa: E402
-from scripts.loadgen import format_table, run_load, run_meta, sweep  # noqa: E402
-from scripts.overhead import TokenConnection  # noqa: E402
-from scripts.plots import plot_compare  # noqa: E402
-from scripts.repository import ModelSpec, write_model  # noqa: E402
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto
+from orchestrator.bench.stats import Summary, write_csv
+from orchestrator.bench.workload import LengthDist, Workload
+from orchestrator.ops.deployment import Deployment, Pool, load
+from scripts.deploy import on_free_ports, serve
+from scripts.launch import TritonServer
+from scripts.loadgen import format_table, run_load, run_meta, sweep
+from scripts.overhead import TokenConnection
+from scripts.plots import plot_compare
+from scripts.repository import ModelSpec, write_model
 
 
 def engine_count(d: Deployment) -> int:
@@ -89,7 +89,10 @@ def phase_sweeps(
     raw: dict[str, Any] = {"context": [], "generation": []}
     ctx_points: list[ContextPoint] = []
     gen_points: list[GenerationPoint] = []
-    with tempfile.TemporaryDirectory(prefix="phases-") as tmp, TritonServer(model_repository=_probe_repository(Path(tmp), context, generation)) as srv:
+    with (
+        tempfile.TemporaryDirectory(prefix="phases-") as tmp,
+        TritonServer(model_repository=_probe_repository(Path(tmp), context, generation)) as srv,
+    ):
 
         def measure(model: str, params: dict[str, str] | None, osl: int, k: int) -> Summary:
             wl = replace(workload, osl=LengthDist.parse(f"fixed:{osl}")) if osl else workload
@@ -123,16 +126,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("deployments", nargs="+", type=Path, help="deployment files (same engine count)")
     parser.add_argument("--isl", default="fixed:1024", help="input length: N, fixed:N, uniform:A:B, normal:MEAN:STD")
     parser.add_argument("--osl", default="fixed:128", help="output length, as --isl")
-    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels, comma-separated (also the generation-only sweep's)")
-    parser.add_argument("--rate", default="", help="open-loop Poisson rates (requests/s) for the end-to-end runs instead")
+    parser.add_argument(
+        "--concurrency", default="1,4,16", help="closed-loop levels, comma-separated (also the generation-only sweep's)"
+    )
+    parser.add_argument(
+        "--rate", default="", help="open-loop Poisson rates (requests/s) for the end-to-end runs instead"
+    )
     parser.add_argument("--context-concurrency", default="1,2,4,8")
-    parser.add_argument("--count", type=int, default=48, help="requests per level (at least 2x the level in phase sweeps)")
+    parser.add_argument(
+        "--count", type=int, default=48, help="requests per level (at least 2x the level in phase sweeps)"
+    )
     parser.add_argument("--time-limit-s", type=float, default=120.0, help="per level")
     parser.add_argument("--ttft-bound-ms", type=float, default=1000.0, help="context capacity: TTFT p50 within this")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="a request unanswered this long counts as an error")
+    parser.add_argument(
+        "--request-timeout-s", type=float, default=120.0, help="a request unanswered this long counts as an error"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-phase-sweeps", action="store_true")
-    parser.add_argument("--engines-over", choices=("bls", "grpc"), help="override every deployment's orchestrator.engines_over")
+    parser.add_argument(
+        "--engines-over", choices=("bls", "grpc"), help="override every deployment's orchestrator.engines_over"
+    )
     parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -142,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         deployments = [replace(d, engines_over=args.engines_over) for d in deployments]
     counts = {d.name: engine_count(d) for d in deployments}
     if len(set(counts.values())) > 1 and not args.allow_unequal:
-        print(f"error: engine counts differ {counts}: a fair comparison uses the same number (or --allow-unequal)", file=sys.stderr)
+        print(
+            f"error: engine counts differ {counts}: a fair comparison uses the same number (or --allow-unequal)",
+            file=sys.stderr,
+        )
         return 2
 
     def dist(text: str) -> LengthDist:
@@ -150,23 +166,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workload = Workload(dist(args.isl), dist(args.osl), seed=args.seed)
     loads = _ints(args.concurrency)
-    mode, e2e_loads = ("rate", [float(x) for x in args.rate.split(",") if x.strip()]) if args.rate else ("concurrency", loads)
+    mode, e2e_loads = (
+        ("rate", [float(x) for x in args.rate.split(",") if x.strip()]) if args.rate else ("concurrency", loads)
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "meta": run_meta(sys.argv[1:] if argv is None else list(argv), "scripts/compare.py"),
-        "workload": workload.describe(), "mode": mode, "engines_over": [d.engines_over for d in deployments],
+        "workload": workload.describe(),
+        "mode": mode,
+        "engines_over": [d.engines_over for d in deployments],
         "deployments": {},
     }
     for d in deployments:
         print(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)", flush=True)
         summaries = end_to_end(d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode)
         print(format_table(summaries), flush=True)
-        report["deployments"][d.name] = {"shape": shape(d), "engines": engine_count(d), "summaries": [s.as_dict() for s in summaries]}
+        report["deployments"][d.name] = {
+            "shape": shape(d),
+            "engines": engine_count(d),
+            "summaries": [s.as_dict() for s in summaries],
+        }
         write_csv(args.out / f"{d.name}.csv", summaries)
     disagg = next((d for d in deployments if d.pool("context") is not None), None)
     if disagg is not None and not args.no_phase_sweeps:
         print("== phase sweeps (rate matching)", flush=True)
-        ctx, gen, raw = phase_sweeps(disagg, workload, _ints(args.context_concurrency), loads, args.count, args.time_limit_s)
+        ctx, gen, raw = phase_sweeps(
+            disagg, workload, _ints(args.context_concurrency), loads, args.count, args.time_limit_s
+        )
         osl = max(1, round(workload.osl.expected))
         capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
         points = best_ratios(capacity, gen, osl, max(counts.values())) if capacity > 0 else []

@@ -29,10 +29,10 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.bench.workload import LengthDist, Workload  # noqa: E402
-from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
-from scripts.loadgen import run_load  # noqa: E402
-from scripts.stacks import process_tree  # noqa: E402
+from orchestrator.bench.workload import LengthDist, Workload
+from scripts.launch import DEFAULT_REPOSITORY, TritonServer
+from scripts.loadgen import run_load
+from scripts.stacks import process_tree
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,9 +79,13 @@ def measure(
     with TritonServer(model_repository=repository) as server:
         assert server.process is not None
         pid = server.process.pid
-        run_load(server.grpc_url, workload, concurrency=concurrency, count=warmup, time_limit_s=time_limit_s, salt="warmup")
+        run_load(
+            server.grpc_url, workload, concurrency=concurrency, count=warmup, time_limit_s=time_limit_s, salt="warmup"
+        )
         before, client_before = server_cpu(pid), cpu_seconds(os.getpid())
-        results, summary = run_load(server.grpc_url, workload, concurrency=concurrency, count=count, time_limit_s=time_limit_s)
+        results, summary = run_load(
+            server.grpc_url, workload, concurrency=concurrency, count=count, time_limit_s=time_limit_s
+        )
         after, client_after = server_cpu(pid), cpu_seconds(os.getpid())
     tokens = sum(r.output_tokens for r in results)
     spent = {name: after[name] - before.get(name, 0.0) for name in after}
@@ -108,14 +112,19 @@ def format_table(measurements: Sequence[Measurement]) -> str:
     lines.append("server total".ljust(26) + "".join(f"{m.server_us_per_token:>16.1f}" for m in measurements))
     lines.append("tokens/s".ljust(26) + "".join(f"{m.tokens_per_s:>16.1f}" for m in measurements))
     lines.append("TTFT p50 ms".ljust(26) + "".join(f"{m.ttft_p50_ms:>16.2f}" for m in measurements))
-    lines.append("ITL p50 / p99 ms".ljust(26) + "".join(f"{f'{m.itl_p50_ms:.2f} / {m.itl_p99_ms:.2f}':>16}" for m in measurements))
+    lines.append(
+        "ITL p50 / p99 ms".ljust(26)
+        + "".join(f"{f'{m.itl_p50_ms:.2f} / {m.itl_p99_ms:.2f}':>16}" for m in measurements)
+    )
     lines.append("ok / errors".ljust(26) + "".join(f"{f'{m.requests_ok}/{m.errors}':>16}" for m in measurements))
     return "\n".join(lines) + "\n(CPU microseconds per generated token; columns: each repository's parent folder)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", type=Path, action="append", help="repeat to compare (default: the committed one)")
+    parser.add_argument(
+        "--repository", type=Path, action="append", help="repeat to compare (default: the committed one)"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--osl", type=int, default=64)

@@ -32,15 +32,15 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV, check_admin_key, new_secret, write_private
 from orchestrator.ops.deployment import Deployment, DeploymentError, Pool, load, mpi_world_size
-from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.ops.k8s_manifests import SECRET_KEYS, in_cluster_file, manifests, secret_name
 from orchestrator.ops.launch_plan import SECRETS_FILE, launch_script
 from orchestrator.ops.trtllm_config import tensorrt_llm_config
+from orchestrator.stub_engine.config import EngineConfig
 from scripts.launch import TritonServer, free_port
 from scripts.repository import (
     DEFAULT_REPOSITORY,
-    REPO_ROOT,
     FRONTEND_MODELS,
+    REPO_ROOT,
     ModelSpec,
     set_instance_count,
     set_max_batch_size,
@@ -71,7 +71,9 @@ def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Pat
         return
     model_dir = dest / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # the backend needs a version folder, empty
-    text = tensorrt_llm_config(name, pool, pool.real[index], d.tokenizer_dir, (stub_config / "config.pbtxt").read_text())
+    text = tensorrt_llm_config(
+        name, pool, pool.real[index], d.tokenizer_dir, (stub_config / "config.pbtxt").read_text()
+    )
     (model_dir / "config.pbtxt").write_text(text)
 
 
@@ -183,7 +185,8 @@ def on_free_ports(d: Deployment) -> Deployment:
     """The same deployment with every server on free loopback ports (endpoints follow):
     for tests and benchmarks, which must not collide with anything already listening."""
     servers = tuple(
-        replace(s, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) for s in d.servers
+        replace(s, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        for s in d.servers
     )
     return replace(d, servers=servers)
 
@@ -237,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     k8s = sub.add_parser("k8s", help="write Kubernetes manifests (ConfigMap, Secret, Deployments, Services)")
     k8s.add_argument("file", type=Path)
     k8s.add_argument("--out", type=Path, required=True)
-    k8s.add_argument("--validate", action="store_true", help="check them against Kubernetes' schemas (kubernetes-validate)")
+    k8s.add_argument(
+        "--validate", action="store_true", help="check them against Kubernetes' schemas (kubernetes-validate)"
+    )
     args = parser.parse_args(argv)
     try:
         d = load(args.file)
@@ -288,7 +293,10 @@ def _kept_secrets(d: Deployment, out: Path) -> dict[str, str] | None:
     except yaml.YAMLError:
         return None
     for doc in docs:
-        if not isinstance(doc, dict) or (doc.get("kind"), doc.get("metadata", {}).get("name")) != ("Secret", secret_name(d)):
+        if not isinstance(doc, dict) or (doc.get("kind"), doc.get("metadata", {}).get("name")) != (
+            "Secret",
+            secret_name(d),
+        ):
             continue
         data = doc.get("stringData") or {}
         values = {env: str(data.get(key) or "") for env, key in SECRET_KEYS.items()}

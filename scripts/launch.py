@@ -88,7 +88,7 @@ class Installation:
 
 def _wheel_root() -> Path | None:
     try:
-        import pytriton  # noqa: PLC0415 - optional dependency, only to find the wheel
+        import pytriton
     except ImportError:
         return None
     return Path(pytriton.__file__).resolve().parent
@@ -271,7 +271,7 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        log = open(self.log_path, "wb")
         self._log = log
         self.process = subprocess.Popen(
             self.command(install),
@@ -373,7 +373,7 @@ def run_supervised(
     restricted-API flags demand (the admin key). The logic is `orchestrator.ops.supervisor`;
     this is only its loop.
     """
-    from orchestrator.ops.supervisor import RestartServer, shm_regions, supervise  # noqa: PLC0415 - the project
+    from orchestrator.ops.supervisor import RestartServer, shm_regions, supervise
 
     current: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -397,8 +397,11 @@ def run_supervised(
         current.append(proc)
         restart = False
         try:
-            for event in supervise(proc.pid, http_url, lambda: proc.poll() is None and not stopping, log, tick_s,
-                                   restart_models, headers):  # fmt: skip
+
+            def running(proc: subprocess.Popen[bytes] = proc) -> bool:
+                return proc.poll() is None and not stopping
+
+            for event in supervise(proc.pid, http_url, running, log, tick_s, restart_models, headers):
                 restart = isinstance(event, RestartServer)
         finally:
             if not restart and not stopping:  # the supervisor failed: take the server down with it

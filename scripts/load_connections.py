@@ -186,7 +186,7 @@ class HttpConnection:
     """`generate_stream` over one `requests` session; each `data:` event is one response."""
 
     def __init__(self, url: str, model: str, abort: threading.Event, request_timeout_s: float) -> None:
-        import requests  # noqa: PLC0415 - only the HTTP protocol needs it
+        import requests
 
         self._requests = requests
         base = (url if "://" in url else f"http://{url}").rstrip("/")
@@ -219,7 +219,7 @@ class HttpConnection:
                     tokens = event.get("num_output_tokens")
                     attempt.response(arrived, None if tokens is None else int(tokens), event.get("text_output", ""))
             return attempt.result()  # the server ends the event stream after the final response
-        except Exception as exc:  # noqa: BLE001 - any transport failure is this request's error
+        except Exception as exc:
             if self._abort.is_set() or isinstance(exc, (_Unfinished, self._requests.Timeout)):
                 self._stop(request_id)
                 return attempt.unfinished(self._abort.is_set())

@@ -56,9 +56,9 @@ from urllib.parse import urlsplit
 if __package__ in (None, ""):  # run as a script: make `scripts` and `orchestrator` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json  # noqa: E402
-from orchestrator.bench.workload import LengthDist, RequestSpec, Workload  # noqa: E402
-from scripts.load_connections import PROTOCOLS, Connection, connect  # noqa: E402
+from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json
+from orchestrator.bench.workload import LengthDist, RequestSpec, Workload
+from scripts.load_connections import PROTOCOLS, Connection, connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _LOOPBACK_NAMES = ("localhost",)

@@ -36,13 +36,13 @@ from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench.stats import RequestResult, Summary  # noqa: E402
-from orchestrator.text.tokenizer import BuiltinTokenizer  # noqa: E402
-from scripts.client import token_inputs  # noqa: E402
-from scripts.launch import TritonServer  # noqa: E402
-from orchestrator.bench.workload import LengthDist, RequestSpec, Workload  # noqa: E402
-from scripts.loadgen import run_load, run_meta  # noqa: E402
-from scripts.repository import ModelSpec, write_model  # noqa: E402
+from orchestrator.bench.stats import RequestResult, Summary
+from orchestrator.bench.workload import LengthDist, RequestSpec, Workload
+from orchestrator.text.tokenizer import BuiltinTokenizer
+from scripts.client import token_inputs
+from scripts.launch import TritonServer
+from scripts.loadgen import run_load, run_meta
+from scripts.repository import ModelSpec, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODELS = ROOT / "benchmarks" / "models"
@@ -62,7 +62,12 @@ def overhead_repository(dest: Path, token_ms: float) -> Path:
     pools = {"context_engines": "context_0", "generation_engines": "generation_0", "health_check_s": "0"}
     write_model(dest, "orchestrator", ModelSpec("orchestrator", pools))
     baseline = {"baseline_context_engine": "context_0", "baseline_generation_engine": "generation_0"}
-    write_model(dest, "baseline_orchestrator", ModelSpec("orchestrator", baseline), code=BENCH_MODELS / "baseline_orchestrator" / "1")
+    write_model(
+        dest,
+        "baseline_orchestrator",
+        ModelSpec("orchestrator", baseline),
+        code=BENCH_MODELS / "baseline_orchestrator" / "1",
+    )
     write_model(dest, "streamer", ModelSpec("streamer", {"token_delay_ms": f"{token_ms:g}"}), source=BENCH_MODELS)
     return dest
 
@@ -72,7 +77,9 @@ class TokenConnection:
 
     _TOK = BuiltinTokenizer()
 
-    def __init__(self, url: str, model: str, abort: threading.Event, timeout_s: float, parameters: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, model: str, abort: threading.Event, timeout_s: float, parameters: dict[str, str] | None = None
+    ) -> None:
         self.model, self.abort, self.timeout_s, self.parameters = model, abort, timeout_s, parameters
         self.replies: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
         self.client = grpcclient.InferenceServerClient(url)
@@ -119,7 +126,14 @@ class Plan:
     time_limit_s: float
 
 
-def measure(server: TritonServer, model: str, plan: Plan, load: int, parameters: dict[str, str] | None = None, osl: int | None = None) -> Summary:
+def measure(
+    server: TritonServer,
+    model: str,
+    plan: Plan,
+    load: int,
+    parameters: dict[str, str] | None = None,
+    osl: int | None = None,
+) -> Summary:
     workload = Workload(LengthDist.parse(f"fixed:{plan.isl}"), LengthDist.parse(f"fixed:{osl or plan.osl}"), seed=load)
 
     def connector(abort: threading.Event, timeout_s: float) -> TokenConnection:
@@ -143,8 +157,11 @@ def run(plan: Plan, costs: Sequence[str]) -> dict[str, Any]:
                     for load in plan.loads:
                         summary = measure(server, target, plan, load)
                         rows[f"{target}@{load}"] = summary.as_dict()
-                        print(f"[{cost}] {target:22s} {load:3d} in flight: {summary.requests_per_s:8.1f} req/s "
-                              f"{summary.output_tokens_per_s:9.1f} tok/s  ttft p50 {1e3 * (summary.ttft_p50_s or 0):7.2f} ms", flush=True)
+                        print(
+                            f"[{cost}] {target:22s} {load:3d} in flight: {summary.requests_per_s:8.1f} req/s "
+                            f"{summary.output_tokens_per_s:9.1f} tok/s  ttft p50 {1e3 * (summary.ttft_p50_s or 0):7.2f} ms",
+                            flush=True,
+                        )
                 direct = measure(server, "context_0", plan, 1, {"request_type": "context_only"}, osl=1)
                 ours = measure(server, "orchestrator", plan, 1, osl=1)
                 rows["context_direct@1"] = direct.as_dict()
@@ -159,7 +176,11 @@ def ratios(runs: dict[str, dict[str, Any]], loads: Sequence[int]) -> dict[str, A
     out: dict[str, Any] = {}
     for cost, rows in runs.items():
         for load in loads:
-            ours, base, ceiling = rows[f"orchestrator@{load}"], rows[f"baseline_orchestrator@{load}"], rows[f"streamer@{load}"]
+            ours, base, ceiling = (
+                rows[f"orchestrator@{load}"],
+                rows[f"baseline_orchestrator@{load}"],
+                rows[f"streamer@{load}"],
+            )
             out[f"{cost}@{load}"] = {
                 "requests_per_s_vs_baseline": ours["requests_per_s"] / max(base["requests_per_s"], 1e-9),
                 "tokens_per_s_vs_baseline": ours["output_tokens_per_s"] / max(base["output_tokens_per_s"], 1e-9),

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers or CI
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_compare(report: Mapping[str, Any], path: Path, title: str = "") -> Path:
@@ -30,7 +30,14 @@ def plot_compare(report: Mapping[str, Any], path: Path, title: str = "") -> Path
         ys = [s["output_tokens_per_s_per_engine"] for s in rows]
         (line,) = ax.plot(xs, ys, marker="o", label=f"{name} end to end ({run['shape']})")
         for s, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{'k' if s['mode'] == 'concurrency' else 'rps'}={s['load']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+            ax.annotate(
+                f"{'k' if s['mode'] == 'concurrency' else 'rps'}={s['load']:g}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=line.get_color(),
+            )
     matched = report.get("rate_matching", {})
     points = matched.get("points", [])
     if points:
@@ -45,7 +52,10 @@ def plot_compare(report: Mapping[str, Any], path: Path, title: str = "") -> Path
             ax.plot([p["tokens_per_s_per_user"] for p in front], [p["tokens_per_s_per_engine"] for p in front],
                     linestyle="--", color="black", linewidth=1, label="rate-matched Pareto frontier")  # fmt: skip
     workload = report.get("workload", {})
-    ax.set_title(title or f"ISL {workload.get('isl', '?')} / OSL {workload.get('osl', '?')}: throughput per engine vs speed per user")
+    ax.set_title(
+        title
+        or f"ISL {workload.get('isl', '?')} / OSL {workload.get('osl', '?')}: throughput per engine vs speed per user"
+    )
     ax.set_xlabel("output tokens/s per user")
     ax.set_ylabel("output tokens/s per engine (all engines)")
     ax.grid(True, alpha=0.3)

@@ -24,8 +24,10 @@ def _parameter_block(key: str, value: str) -> str:
 def set_parameters(pbtxt: str, overrides: Mapping[str, str]) -> str:
     """Set `parameters` string values in a config.pbtxt text (replaced in place or appended)."""
     for key, value in overrides.items():
-        pattern = re.compile(r'(parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*(")')
-        pbtxt, count = pattern.subn(lambda m: m.group(1) + value + m.group(2), pbtxt)
+        pattern = re.compile(
+            r'(parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*(")'
+        )
+        pbtxt, count = pattern.subn(lambda m, value=value: m.group(1) + value + m.group(2), pbtxt)
         if count == 0:
             pbtxt = pbtxt.rstrip("\n") + "\n" + _parameter_block(key, value)
     return pbtxt
@@ -46,7 +48,9 @@ def rename_model(pbtxt: str, name: str) -> str:
     if match is None:
         return f'name: "{name}"\n' + pbtxt
     old = f'"{match.group(1)}"'
-    lines = [line.replace(old, f'"{name}"') if line.startswith("#") else line for line in pbtxt.splitlines(keepends=True)]
+    lines = [
+        line.replace(old, f'"{name}"') if line.startswith("#") else line for line in pbtxt.splitlines(keepends=True)
+    ]
     return re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', "".join(lines), count=1, flags=re.MULTILINE)
 
 

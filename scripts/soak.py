@@ -53,9 +53,9 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make `scripts` and `orchestrator` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.launch import TritonServer  # noqa: E402
-from scripts.repository import set_parameters  # noqa: E402
-from scripts.soak_checks import (  # noqa: E402
+from scripts.launch import TritonServer
+from scripts.repository import set_parameters
+from scripts.soak_checks import (
     ServerWatch,
     SoakReport,
     check_outcomes,
@@ -69,8 +69,8 @@ from scripts.soak_checks import (  # noqa: E402
     references,
     wait_gauges_zero,
 )
-from scripts.soak_client import run_load  # noqa: E402
-from scripts.soak_plan import (  # noqa: E402
+from scripts.soak_client import run_load
+from scripts.soak_plan import (
     CONTEXT_ENGINES,
     GENERATION_ENGINES,
     Fault,
@@ -79,15 +79,19 @@ from scripts.soak_plan import (  # noqa: E402
     parse_fault,
     soak_repository,
 )
-from scripts.stacks import dump_threads  # noqa: E402
+from scripts.stacks import dump_threads
 
 
 def _pools_over_grpc(repository: Path, grpc_port: int) -> None:
     """Point the orchestrator at its own server's engines through loopback gRPC."""
     config = repository / "orchestrator" / "config.pbtxt"
     pools = {
-        "context_engines": ",".join(f"grpc://127.0.0.1:{grpc_port}/{e}" for e in CONTEXT_ENGINES if (repository / e).is_dir()),
-        "generation_engines": ",".join(f"grpc://127.0.0.1:{grpc_port}/{e}" for e in GENERATION_ENGINES if (repository / e).is_dir()),
+        "context_engines": ",".join(
+            f"grpc://127.0.0.1:{grpc_port}/{e}" for e in CONTEXT_ENGINES if (repository / e).is_dir()
+        ),
+        "generation_engines": ",".join(
+            f"grpc://127.0.0.1:{grpc_port}/{e}" for e in GENERATION_ENGINES if (repository / e).is_dir()
+        ),
     }
     config.write_text(set_parameters(config.read_text(), pools))
 
@@ -231,7 +235,9 @@ def _soak(
     failures.extend(problems)
     growth = None if rss_warm is None or rss_end is None else rss_end - rss_warm
     if growth is not None and growth > max_rss_growth_mib:
-        failures.append(f"server RSS grew {growth:.1f} MiB ({rss_warm:.1f} -> {rss_end:.1f}), bound {max_rss_growth_mib:g} MiB")
+        failures.append(
+            f"server RSS grew {growth:.1f} MiB ({rss_warm:.1f} -> {rss_end:.1f}), bound {max_rss_growth_mib:g} MiB"
+        )
     if server is not None:
         found = log_tracebacks(server.log_text())
         if found:
@@ -275,8 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds; no new request is sent after it")
     parser.add_argument("--cancel-rate", type=float, default=0.1, help="share of requests that get a stop=true")
     parser.add_argument("--fault-rate", type=float, default=0.05, help="share of each faulty engine's requests")
-    parser.add_argument("--fault", type=parse_fault, action="append", metavar="ENGINE=KIND[@RATE]",
-                        help="replace the default faults (repeatable; kinds: fail hang slow crash drop_lease)")
+    parser.add_argument(
+        "--fault",
+        type=parse_fault,
+        action="append",
+        metavar="ENGINE=KIND[@RATE]",
+        help="replace the default faults (repeatable; kinds: fail hang slow crash drop_lease)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rss-growth-mib", type=float, default=96.0)
     parser.add_argument("--request-timeout", type=float, default=30.0, help="a request without a final by then hung")
@@ -286,11 +297,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="with --url: HOST:PORT of its metrics endpoint, for the leak check")
     parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for the memory check")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    parser.add_argument("--streams-over", choices=("grpc", "bls"), default="",
-                        help="the orchestrator's streams_over (default: its own, grpc); bls reproduces the BLS deadlock")
+    parser.add_argument(
+        "--streams-over",
+        choices=("grpc", "bls"),
+        default="",
+        help="the orchestrator's streams_over (default: its own, grpc); bls reproduces the BLS deadlock",
+    )
     parser.add_argument("--dump-dir", type=Path, help="when requests hang: gdb stacks of the server and its stubs here")
-    parser.add_argument("--engines-over", choices=("bls", "grpc"), default="bls",
-                        help="how the orchestrator reaches the engines (grpc: loopback, avoids the BLS stub crash)")
+    parser.add_argument(
+        "--engines-over",
+        choices=("bls", "grpc"),
+        default="bls",
+        help="how the orchestrator reaches the engines (grpc: loopback, avoids the BLS stub crash)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM (a CI timeout, `timeout`) must unwind like Ctrl-C so the server we started stops.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))

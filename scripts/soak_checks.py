@@ -285,13 +285,23 @@ def check_outcomes(outcomes: Sequence[Outcome], refs: Mapping[Key, str], migrati
         f"stop={o.stop_sent or 'none'} at {o.plan.stop_delay_s or 0:.4f}s)"
         for o in outcomes if o.kind == "hung"
     ])  # fmt: skip
-    fail("unexpected error kinds",
-         [f"{o.plan.request_id}: {o.message}" for o in outcomes if o.kind == "error" and o.code not in EXPECTED_ERROR_CODES])
-    fail("error messages with a traceback",
-         [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if "Traceback" in o.message])
+    fail(
+        "unexpected error kinds",
+        [
+            f"{o.plan.request_id}: {o.message}"
+            for o in outcomes
+            if o.kind == "error" and o.code not in EXPECTED_ERROR_CODES
+        ],
+    )
+    fail(
+        "error messages with a traceback",
+        [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if "Traceback" in o.message],
+    )
     if migrating:
-        fail("mid-stream failures that were not migrated",
-             [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if NOT_MIGRATED in o.message])
+        fail(
+            "mid-stream failures that were not migrated",
+            [f"{o.plan.request_id}: {o.message[:300]}" for o in outcomes if NOT_MIGRATED in o.message],
+        )
     fail("broken response promises", [f"{o.plan.request_id}: {p}" for o in outcomes for p in o.problems])
     fail("completions that differ from another of the same inputs", [
         f"{o.plan.request_id} (stream={o.plan.stream}) {o.text[:60]!r} != {ref_ids[o.plan.key]} {refs[o.plan.key][:60]!r}"

@@ -133,7 +133,7 @@ class Worker:
         try:
             while (plan := self.shared.take()) is not None:
                 self.shared.record(self.serve(plan))
-        except Exception as exc:  # noqa: BLE001 - a client-side bug must fail the soak, not vanish in a thread
+        except Exception as exc:
             self.shared.problem(f"worker crashed: {exc!r}")
         finally:
             self.finish()
@@ -144,7 +144,9 @@ class Worker:
         stop_at = None if plan.stop_delay_s is None else start + plan.stop_delay_s
         stop_sent = ""
         extra = {"stop_words": list(plan.stop_words)} if plan.stop_words else {}
-        inputs = ensemble_inputs(plan.prompt, plan.max_tokens, stream=plan.stream, exclude_input_in_output=True, **extra)
+        inputs = ensemble_inputs(
+            plan.prompt, plan.max_tokens, stream=plan.stream, exclude_input_in_output=True, **extra
+        )
         self.requests.send(plan.request_id, inputs)
         kind, code, message, texts = "", "", "", []
         while not kind:
@@ -203,8 +205,10 @@ class Worker:
         if error is not None or result is None:
             problems.append(f"its stop request failed: {error.message() if error else 'an empty reply'}")
         elif not _is_final(result) or _text(result) or result.get_response().id != request_id:
-            problems.append(f"its stop request's response is not one empty final with its id "
-                            f"(final={_is_final(result)}, text={_text(result)!r}, id={result.get_response().id!r})")
+            problems.append(
+                f"its stop request's response is not one empty final with its id "
+                f"(final={_is_final(result)}, text={_text(result)!r}, id={result.get_response().id!r})"
+            )
         problems.extend(f"after its stop's final: {s}" for s in self.stops.strays())
         return problems
 

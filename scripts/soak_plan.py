@@ -147,7 +147,13 @@ def make_plans(count: int, seed: int, cancel_rate: float, prompt_pool: int = 48)
             # Some race the request's own arrival, most land mid-request, the tail after
             # completion (which must be harmless).
             when = rng.random()
-            delay = rng.uniform(0.0, 0.003) if when < 0.2 else rng.uniform(0.003, 0.5) if when < 0.8 else rng.uniform(0.5, 3.0)
+            delay = (
+                rng.uniform(0.0, 0.003)
+                if when < 0.2
+                else rng.uniform(0.003, 0.5)
+                if when < 0.8
+                else rng.uniform(0.5, 3.0)
+            )
         plans.append(Plan(
             request_id=f"soak{seed}-{i:06d}",
             prompt=rng.choice(prompts),

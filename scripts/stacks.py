@@ -47,12 +47,16 @@ def process_tree(pid: int) -> dict[int, str]:
     return tree
 
 
-
 def dump_threads(server_pid: int, dest: Path) -> None:
     """Every thread's native stack of the server and its stubs (gdb), one file per process:
     what a stall is waiting on."""
     dest.mkdir(parents=True, exist_ok=True)
     for pid, name in process_tree(server_pid).items():
         with open(dest / f"{name}-{pid}.txt", "w") as out:
-            subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
-                           stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
+            subprocess.run(
+                ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+            )

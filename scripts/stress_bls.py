@@ -40,13 +40,13 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from orchestrator.bench.workload import words_prompt  # noqa: E402
-from scripts.client import ensemble_inputs  # noqa: E402
-from scripts.launch import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
-from scripts.stacks import dump_threads  # noqa: E402
+from orchestrator.bench.workload import words_prompt
+from scripts.client import ensemble_inputs
+from scripts.launch import DEFAULT_REPOSITORY, TritonServer
+from scripts.stacks import dump_threads
 
 # What a dying stub or server leaves in the log: glibc's heap checks, CPython, a C++ abort (a
 # stub's corruption can reach the server through shared memory), a signal other than the
@@ -80,7 +80,13 @@ def _outcome(done: int, errors: int, first_error: str, stalled: bool, log_text: 
 
 
 def run_round(
-    repository: Path, requests: int, concurrency: int, isl: int, osl: int, stall_s: float, seed: int,
+    repository: Path,
+    requests: int,
+    concurrency: int,
+    isl: int,
+    osl: int,
+    stall_s: float,
+    seed: int,
     dump_dir: Path | None = None,
 ) -> Round:
     rng = random.Random(seed)
@@ -95,9 +101,7 @@ def run_round(
 
         def send() -> None:
             nonlocal sent
-            inputs = ensemble_inputs(
-                words_prompt(rng, isl), osl, stream=True, end_id=-1, return_num_output_tokens=True
-            )
+            inputs = ensemble_inputs(words_prompt(rng, isl), osl, stream=True, end_id=-1, return_num_output_tokens=True)
             client.async_stream_infer("ensemble", inputs, request_id=f"r{sent}", enable_empty_final_response=True)
             sent += 1
 
@@ -150,7 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: list[Round] = []
     for k in range(args.rounds):
         result = run_round(
-            args.repository.resolve(), args.requests, args.concurrency, args.isl, args.osl, args.stall_s, args.seed + k,
+            args.repository.resolve(),
+            args.requests,
+            args.concurrency,
+            args.isl,
+            args.osl,
+            args.stall_s,
+            args.seed + k,
             args.dump_dir,
         )
         rounds.append(result)
@@ -164,8 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = Counter(r.verdict for r in rounds)
     print("summary: " + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "rounds": [asdict(r) for r in rounds]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": [asdict(r) for r in rounds]}, indent=2
+            )
+        )
     return 0 if verdicts.get("ok", 0) == len(rounds) else 1
 
 

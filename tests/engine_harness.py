@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.core import EngineCore
 from orchestrator.stub_engine.kv_auth import KeyRing
+from orchestrator.text.tokenizer import WORDS, BuiltinTokenizer
+from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
 from orchestrator.wire.errors import RequestError
 from orchestrator.wire.stop_condition import StopCondition
-from orchestrator.text.tokenizer import WORDS, BuiltinTokenizer
 
 TOK = BuiltinTokenizer()
 T = TypeVar("T")

@@ -5,27 +5,28 @@ engines whose cost model is all zeros. The reference ("oracle") tokens come from
 aggregated EngineCore fed the same contract tensors. `run` ends every scenario by checking
 that the orchestrator kept no task and every engine gave back every block and lease.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
-from orchestrator.serving.config import OrchestratorConfig
-from orchestrator.wire.contract import EngineOutput, parse_request
-from orchestrator.stub_engine.config import EngineConfig
-from orchestrator.stub_engine.core import EngineCore
 from orchestrator.clients.engine_client import EngineClient, EngineReply, InProcessEngineClient
-from orchestrator.wire.errors import RequestError
+from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.serving.pipeline import Orchestrator
 from orchestrator.serving.router import Router
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.core import EngineCore
 from orchestrator.text.postprocess import postprocess
 from orchestrator.text.preprocess import TextLimits, preprocess
 from orchestrator.text.tokenizer import BuiltinTokenizer
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.wire.errors import RequestError
 
 TOK = BuiltinTokenizer()
 T = TypeVar("T")
@@ -131,7 +132,7 @@ class RecordingClient:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         self.calls.append((engine, str(parameters.get("request_type"))))
         async for reply in self.inner.stream(engine, tensors, parameters, request_id):
             yield reply
@@ -151,7 +152,7 @@ class BrokenClient:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         count = 0
         async for reply in self.inner.stream(engine, tensors, parameters, request_id):
             if parameters.get("request_type") == self.request_type and count == self.after:
@@ -306,4 +307,3 @@ def assert_same_text(streamed: str, expected: str) -> None:
 
 def prompt_ids(tensors: Tensors) -> tuple[int, ...]:
     return tuple(int(t) for t in tensors["input_ids"].reshape(-1))
-

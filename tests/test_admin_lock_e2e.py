@@ -38,7 +38,7 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
 # Answers the value of the environment variable it is asked for, as its stub sees it.
-MODEL = '''
+MODEL = """
 import os
 
 import numpy as np
@@ -54,7 +54,7 @@ class TritonPythonModel:
             output = pb_utils.Tensor("value", np.array([value], dtype=np.object_))
             responses.append(pb_utils.InferenceResponse([output]))
         return responses
-'''
+"""
 
 
 def _repository(root: Path) -> Path:

@@ -30,7 +30,10 @@ Tensors = dict[str, np.ndarray]
 def text_request(prompt: str | bytes = "the cat sat on the mat", max_tokens: int = 4, **extra: Any) -> Tensors:
     """Ensemble inputs as TensorRT-LLM clients send them (leading batch dim); extras by type."""
     text = prompt.encode() if isinstance(prompt, str) else prompt
-    out: Tensors = {"text_input": np.array([[text]], dtype=object), "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
+    out: Tensors = {
+        "text_input": np.array([[text]], dtype=object),
+        "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+    }
     for name, value in extra.items():
         if isinstance(value, np.ndarray):
             out[name] = value
@@ -65,7 +68,9 @@ class Outcome:
     error: InferenceServerException | None = None
 
 
-def call(server: TritonServer, model: str, tensors: Tensors, request_id: str = "", params: dict[str, Any] | None = None) -> Outcome:
+def call(
+    server: TritonServer, model: str, tensors: Tensors, request_id: str = "", params: dict[str, Any] | None = None
+) -> Outcome:
     """One request over a gRPC stream; waits for its final response or its error."""
     outcome = Outcome()
     done = threading.Event()
@@ -82,7 +87,9 @@ def call(server: TritonServer, model: str, tensors: Tensors, request_id: str = "
     inputs = grpc_inputs(tensors)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         client.start_stream(callback=callback)
-        client.async_stream_infer(model, inputs, request_id=request_id, parameters=params, enable_empty_final_response=True)
+        client.async_stream_infer(
+            model, inputs, request_id=request_id, parameters=params, enable_empty_final_response=True
+        )
         assert done.wait(60), "no final response and no error: the request hung"
         client.stop_stream()
     return outcome
@@ -108,54 +115,303 @@ def _blob(server: TritonServer, engine: str = "context_0", ids: list[int] = IDS)
 GEN = {"request_type": "generation_only"}
 CATALOGUE = [
     # -- text inputs (ensemble) --------------------------------------------------------
-    Case("text_input missing", "ensemble", lambda: without(text_request(), "text_input"), "triton", "missing required input(s) ['text_input']"),
-    Case("text_input empty", "ensemble", lambda: text_request(""), "INVALID_ARG", "'text_input' is empty: send a non-empty prompt"),
-    Case("text_input not UTF-8", "ensemble", lambda: text_request(b"caf\xe9 \xff"), "INVALID_ARG", "'text_input' is not valid UTF-8 (byte 3)"),
-    Case("text_input wrong dtype", "ensemble", lambda: {**text_request(), "text_input": np.array([[7]], dtype=np.int32)}, "triton", "data-type is"),
-    Case("text_input two prompts in one request", "ensemble", lambda: {**text_request(), "text_input": np.array([[b"a", b"b"]], dtype=object)}, "triton", "unexpected shape"),
-    Case("text_input batch of two", "ensemble", lambda: {**text_request(), "text_input": np.array([[b"a"], [b"b"]], dtype=object), "max_tokens": np.array([[4], [4]], dtype=np.int32)}, "INVALID_ARG", "one prompt per request"),
-    Case("prompt longer than max_input_len", "ensemble", lambda: text_request("x" * 5000), "INVALID_ARG", "more than max_input_len=4096; shorten it"),
+    Case(
+        "text_input missing",
+        "ensemble",
+        lambda: without(text_request(), "text_input"),
+        "triton",
+        "missing required input(s) ['text_input']",
+    ),
+    Case(
+        "text_input empty",
+        "ensemble",
+        lambda: text_request(""),
+        "INVALID_ARG",
+        "'text_input' is empty: send a non-empty prompt",
+    ),
+    Case(
+        "text_input not UTF-8",
+        "ensemble",
+        lambda: text_request(b"caf\xe9 \xff"),
+        "INVALID_ARG",
+        "'text_input' is not valid UTF-8 (byte 3)",
+    ),
+    Case(
+        "text_input wrong dtype",
+        "ensemble",
+        lambda: {**text_request(), "text_input": np.array([[7]], dtype=np.int32)},
+        "triton",
+        "data-type is",
+    ),
+    Case(
+        "text_input two prompts in one request",
+        "ensemble",
+        lambda: {**text_request(), "text_input": np.array([[b"a", b"b"]], dtype=object)},
+        "triton",
+        "unexpected shape",
+    ),
+    Case(
+        "text_input batch of two",
+        "ensemble",
+        lambda: {
+            **text_request(),
+            "text_input": np.array([[b"a"], [b"b"]], dtype=object),
+            "max_tokens": np.array([[4], [4]], dtype=np.int32),
+        },
+        "INVALID_ARG",
+        "one prompt per request",
+    ),
+    Case(
+        "prompt longer than max_input_len",
+        "ensemble",
+        lambda: text_request("x" * 5000),
+        "INVALID_ARG",
+        "more than max_input_len=4096; shorten it",
+    ),
     # -- max_tokens ------------------------------------------------------------------
-    Case("max_tokens missing", "ensemble", lambda: without(text_request(), "max_tokens"), "triton", "missing required input(s) ['max_tokens']"),
-    Case("max_tokens zero", "ensemble", lambda: text_request(max_tokens=0), "INVALID_ARG", "'max_tokens' must be between 1 and 4096, got 0"),
-    Case("max_tokens negative", "ensemble", lambda: text_request(max_tokens=-3), "INVALID_ARG", "'max_tokens' must be between 1 and 4096, got -3"),
-    Case("max_tokens above the limit", "ensemble", lambda: text_request(max_tokens=4097), "INVALID_ARG", "'max_tokens' must be between 1 and 4096, got 4097"),
-    Case("max_tokens wrong dtype", "ensemble", lambda: {**text_request(), "max_tokens": np.array([[4.0]], dtype=np.float32)}, "triton", "data-type is"),
+    Case(
+        "max_tokens missing",
+        "ensemble",
+        lambda: without(text_request(), "max_tokens"),
+        "triton",
+        "missing required input(s) ['max_tokens']",
+    ),
+    Case(
+        "max_tokens zero",
+        "ensemble",
+        lambda: text_request(max_tokens=0),
+        "INVALID_ARG",
+        "'max_tokens' must be between 1 and 4096, got 0",
+    ),
+    Case(
+        "max_tokens negative",
+        "ensemble",
+        lambda: text_request(max_tokens=-3),
+        "INVALID_ARG",
+        "'max_tokens' must be between 1 and 4096, got -3",
+    ),
+    Case(
+        "max_tokens above the limit",
+        "ensemble",
+        lambda: text_request(max_tokens=4097),
+        "INVALID_ARG",
+        "'max_tokens' must be between 1 and 4096, got 4097",
+    ),
+    Case(
+        "max_tokens wrong dtype",
+        "ensemble",
+        lambda: {**text_request(), "max_tokens": np.array([[4.0]], dtype=np.float32)},
+        "triton",
+        "data-type is",
+    ),
     # -- unsupported features --------------------------------------------------------
-    Case("beam_width 2", "ensemble", lambda: text_request(beam_width=2), "INVALID_ARG", "beam_width=2 is not supported"),
-    Case("num_return_sequences 3", "ensemble", lambda: text_request(num_return_sequences=3), "INVALID_ARG", "num_return_sequences=3 is not supported"),
+    Case(
+        "beam_width 2", "ensemble", lambda: text_request(beam_width=2), "INVALID_ARG", "beam_width=2 is not supported"
+    ),
+    Case(
+        "num_return_sequences 3",
+        "ensemble",
+        lambda: text_request(num_return_sequences=3),
+        "INVALID_ARG",
+        "num_return_sequences=3 is not supported",
+    ),
     # -- sampling values -------------------------------------------------------------
-    Case("temperature NaN", "ensemble", lambda: text_request(temperature=float("nan")), "INVALID_ARG", "'temperature' must be a finite number >= 0.0, got nan"),
-    Case("temperature negative", "ensemble", lambda: text_request(temperature=-0.5), "INVALID_ARG", "'temperature' must be a finite number >= 0.0"),
-    Case("top_p above 1", "ensemble", lambda: text_request(top_p=1.5), "INVALID_ARG", "'runtime_top_p' must be a finite number >= 0.0 and <= 1.0, got 1.5"),
-    Case("top_p negative", "ensemble", lambda: text_request(top_p=-0.1), "INVALID_ARG", "'runtime_top_p' must be a finite number >= 0.0"),
-    Case("top_k negative", "ensemble", lambda: text_request(top_k=-1), "INVALID_ARG", "'runtime_top_k' must be >= 0, got -1"),
-    Case("repetition_penalty zero", "ensemble", lambda: text_request(repetition_penalty=0.0), "INVALID_ARG", "'repetition_penalty' must be a finite number > 0.0"),
-    Case("length_penalty infinite", "ensemble", lambda: text_request(length_penalty=float("inf")), "INVALID_ARG", "'len_penalty' must be a finite number"),
-    Case("presence_penalty NaN", "ensemble", lambda: text_request(presence_penalty=float("nan")), "INVALID_ARG", "'presence_penalty' must be a finite number"),
-    Case("frequency_penalty infinite", "ensemble", lambda: text_request(frequency_penalty=float("-inf")), "INVALID_ARG", "'frequency_penalty' must be a finite number"),
-    Case("min_tokens negative", "ensemble", lambda: text_request(min_tokens=-2), "INVALID_ARG", "'min_tokens' must be >= 0, got -2"),
-    Case("end_id outside the vocabulary", "ensemble", lambda: text_request(end_id=10**6), "INVALID_ARG", "'end_id'=1000000 is not a token id: use -1 or 0.."),
-    Case("pad_id outside the vocabulary", "ensemble", lambda: text_request(pad_id=-7), "INVALID_ARG", "'pad_id'=-7 is not a token id"),
+    Case(
+        "temperature NaN",
+        "ensemble",
+        lambda: text_request(temperature=float("nan")),
+        "INVALID_ARG",
+        "'temperature' must be a finite number >= 0.0, got nan",
+    ),
+    Case(
+        "temperature negative",
+        "ensemble",
+        lambda: text_request(temperature=-0.5),
+        "INVALID_ARG",
+        "'temperature' must be a finite number >= 0.0",
+    ),
+    Case(
+        "top_p above 1",
+        "ensemble",
+        lambda: text_request(top_p=1.5),
+        "INVALID_ARG",
+        "'runtime_top_p' must be a finite number >= 0.0 and <= 1.0, got 1.5",
+    ),
+    Case(
+        "top_p negative",
+        "ensemble",
+        lambda: text_request(top_p=-0.1),
+        "INVALID_ARG",
+        "'runtime_top_p' must be a finite number >= 0.0",
+    ),
+    Case(
+        "top_k negative",
+        "ensemble",
+        lambda: text_request(top_k=-1),
+        "INVALID_ARG",
+        "'runtime_top_k' must be >= 0, got -1",
+    ),
+    Case(
+        "repetition_penalty zero",
+        "ensemble",
+        lambda: text_request(repetition_penalty=0.0),
+        "INVALID_ARG",
+        "'repetition_penalty' must be a finite number > 0.0",
+    ),
+    Case(
+        "length_penalty infinite",
+        "ensemble",
+        lambda: text_request(length_penalty=float("inf")),
+        "INVALID_ARG",
+        "'len_penalty' must be a finite number",
+    ),
+    Case(
+        "presence_penalty NaN",
+        "ensemble",
+        lambda: text_request(presence_penalty=float("nan")),
+        "INVALID_ARG",
+        "'presence_penalty' must be a finite number",
+    ),
+    Case(
+        "frequency_penalty infinite",
+        "ensemble",
+        lambda: text_request(frequency_penalty=float("-inf")),
+        "INVALID_ARG",
+        "'frequency_penalty' must be a finite number",
+    ),
+    Case(
+        "min_tokens negative",
+        "ensemble",
+        lambda: text_request(min_tokens=-2),
+        "INVALID_ARG",
+        "'min_tokens' must be >= 0, got -2",
+    ),
+    Case(
+        "end_id outside the vocabulary",
+        "ensemble",
+        lambda: text_request(end_id=10**6),
+        "INVALID_ARG",
+        "'end_id'=1000000 is not a token id: use -1 or 0..",
+    ),
+    Case(
+        "pad_id outside the vocabulary",
+        "ensemble",
+        lambda: text_request(pad_id=-7),
+        "INVALID_ARG",
+        "'pad_id'=-7 is not a token id",
+    ),
     # -- word lists ------------------------------------------------------------------
-    Case("stop_words too many entries", "ensemble", lambda: text_request(stop_words=[f"w{i}" for i in range(65)]), "INVALID_ARG", "'stop_words' has 65 entries; at most 64"),
-    Case("bad_words too many entries", "ensemble", lambda: text_request(bad_words=[f"w{i}" for i in range(100)]), "INVALID_ARG", "'bad_words' has 100 entries; at most 64"),
-    Case("stop word too long", "ensemble", lambda: text_request(stop_words=["z" * 5000]), "INVALID_ARG", "'stop_words' encodes to 5000 tokens; at most 4096"),
-    Case("stop word not UTF-8", "ensemble", lambda: text_request(stop_words=[b"\xff\xfe"]), "INVALID_ARG", "'stop_words' entry is not valid UTF-8"),
-    Case("stop_words_list oversized (token level)", "orchestrator", lambda: token_request(stop_words_list=np.zeros((1, 2, 5000), dtype=np.int32)), "INVALID_ARG", "'stop_words_list' holds 5000 ids; at most 4096"),
-    Case("bad_words_list malformed offsets (token level)", "orchestrator", lambda: token_request(bad_words_list=np.array([[[1, 2, 3], [3, 1, -1]]], dtype=np.int32)), "INVALID_ARG", "'bad_words_list': word list offsets are not increasing"),
+    Case(
+        "stop_words too many entries",
+        "ensemble",
+        lambda: text_request(stop_words=[f"w{i}" for i in range(65)]),
+        "INVALID_ARG",
+        "'stop_words' has 65 entries; at most 64",
+    ),
+    Case(
+        "bad_words too many entries",
+        "ensemble",
+        lambda: text_request(bad_words=[f"w{i}" for i in range(100)]),
+        "INVALID_ARG",
+        "'bad_words' has 100 entries; at most 64",
+    ),
+    Case(
+        "stop word too long",
+        "ensemble",
+        lambda: text_request(stop_words=["z" * 5000]),
+        "INVALID_ARG",
+        "'stop_words' encodes to 5000 tokens; at most 4096",
+    ),
+    Case(
+        "stop word not UTF-8",
+        "ensemble",
+        lambda: text_request(stop_words=[b"\xff\xfe"]),
+        "INVALID_ARG",
+        "'stop_words' entry is not valid UTF-8",
+    ),
+    Case(
+        "stop_words_list oversized (token level)",
+        "orchestrator",
+        lambda: token_request(stop_words_list=np.zeros((1, 2, 5000), dtype=np.int32)),
+        "INVALID_ARG",
+        "'stop_words_list' holds 5000 ids; at most 4096",
+    ),
+    Case(
+        "bad_words_list malformed offsets (token level)",
+        "orchestrator",
+        lambda: token_request(bad_words_list=np.array([[[1, 2, 3], [3, 1, -1]]], dtype=np.int32)),
+        "INVALID_ARG",
+        "'bad_words_list': word list offsets are not increasing",
+    ),
     # -- token-level inputs ------------------------------------------------------------
-    Case("input_ids wrong dtype", "orchestrator", lambda: {**token_request(), "input_ids": np.array([IDS], dtype=np.float32)}, "triton", "data-type is"),
-    Case("input_lengths longer than input_ids", "orchestrator", lambda: {**token_request(), "input_lengths": np.array([[999]], dtype=np.int32)}, "INVALID_ARG", "input_lengths=999 does not fit input_ids"),
-    Case("request_output_len zero", "orchestrator", lambda: token_request(output_len=0), "INVALID_ARG", "request_output_len must be >= 1"),
-    Case("prompt + max_tokens larger than the KV pool", "generation_0", lambda: token_request(output_len=40000), "INVALID_ARG", "lower max_tokens or raise max_tokens_in_paged_kv_cache"),
+    Case(
+        "input_ids wrong dtype",
+        "orchestrator",
+        lambda: {**token_request(), "input_ids": np.array([IDS], dtype=np.float32)},
+        "triton",
+        "data-type is",
+    ),
+    Case(
+        "input_lengths longer than input_ids",
+        "orchestrator",
+        lambda: {**token_request(), "input_lengths": np.array([[999]], dtype=np.int32)},
+        "INVALID_ARG",
+        "input_lengths=999 does not fit input_ids",
+    ),
+    Case(
+        "request_output_len zero",
+        "orchestrator",
+        lambda: token_request(output_len=0),
+        "INVALID_ARG",
+        "request_output_len must be >= 1",
+    ),
+    Case(
+        "prompt + max_tokens larger than the KV pool",
+        "generation_0",
+        lambda: token_request(output_len=40000),
+        "INVALID_ARG",
+        "lower max_tokens or raise max_tokens_in_paged_kv_cache",
+    ),
     # -- request parameters ------------------------------------------------------------
-    Case("unknown request_type (orchestrator)", "orchestrator", token_request, "INVALID_ARG", "'request_type'='generation-only' is unknown", {"request_type": "generation-only"}),
-    Case("unknown request_type (engine)", "context_1", token_request, "INVALID_ARG", "'request_type'='prefill' is unknown", {"request_type": "prefill"}),
-    Case("unknown fault (engine)", "generation_1", token_request, "INVALID_ARG", "'fault'='explode' is unknown", {"fault": "explode"}),
+    Case(
+        "unknown request_type (orchestrator)",
+        "orchestrator",
+        token_request,
+        "INVALID_ARG",
+        "'request_type'='generation-only' is unknown",
+        {"request_type": "generation-only"},
+    ),
+    Case(
+        "unknown request_type (engine)",
+        "context_1",
+        token_request,
+        "INVALID_ARG",
+        "'request_type'='prefill' is unknown",
+        {"request_type": "prefill"},
+    ),
+    Case(
+        "unknown fault (engine)",
+        "generation_1",
+        token_request,
+        "INVALID_ARG",
+        "'fault'='explode' is unknown",
+        {"fault": "explode"},
+    ),
     # -- stop ------------------------------------------------------------------------------
-    Case("stop without a request id", "ensemble", lambda: text_request("", 1, stop=True), "INVALID_ARG", "stop=true needs the id of the request to stop"),
-    Case("stop without a request id (engine)", "context_0", lambda: token_request(stop=np.array([[True]])), "INVALID_ARG", "a stop request needs the request id"),
+    Case(
+        "stop without a request id",
+        "ensemble",
+        lambda: text_request("", 1, stop=True),
+        "INVALID_ARG",
+        "stop=true needs the id of the request to stop",
+    ),
+    Case(
+        "stop without a request id (engine)",
+        "context_0",
+        lambda: token_request(stop=np.array([[True]])),
+        "INVALID_ARG",
+        "a stop request needs the request id",
+    ),
 ]
 
 
@@ -167,7 +423,7 @@ def test_bad_input_catalogue(server: TritonServer, case: Case) -> None:
     assert case.message in message, message
     if case.code != "triton":
         assert f"{case.code}: " in message, message
-    assert "Traceback" not in message and "File \"" not in message
+    assert "Traceback" not in message and 'File "' not in message
     assert len(outcome.responses) == 0, "an error is the request's only response"
 
 

@@ -20,8 +20,8 @@ from orchestrator.bench.stats import (
     write_csv,
     write_json,
 )
-from orchestrator.text.tokenizer import BuiltinTokenizer
 from orchestrator.bench.workload import LengthDist, Workload, words_prompt
+from orchestrator.text.tokenizer import BuiltinTokenizer
 from scripts.loadgen import check_loopback, format_table
 
 TOK = BuiltinTokenizer()

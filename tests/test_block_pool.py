@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.wire.block_hash import SEED, block_hashes, chain_hash, prompt_digest
 from orchestrator.stub_engine.block_pool import BlockPool
 from orchestrator.stub_engine.kv_cache import KVCacheManager
+from orchestrator.wire.block_hash import SEED, block_hashes, chain_hash, prompt_digest
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # tokens_per_block=4: two full blocks and a partial tail
 # Pinned: router and engines in different processes must agree; a change of SEED or of the

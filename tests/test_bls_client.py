@@ -98,7 +98,7 @@ class FakePb:
             def __init__(self, **kwargs: Any) -> None:
                 pb.requests.append(kwargs)
 
-            def exec(self, decoupled: bool) -> _BlockingIterator:  # noqa: A003 - pb_utils' name
+            def exec(self, decoupled: bool) -> _BlockingIterator:
                 assert decoupled
                 if isinstance(pb.iterator, Exception):
                     raise pb.iterator
@@ -124,7 +124,9 @@ def test_replies_arrive_in_order_and_the_request_carries_id_and_parameters() -> 
     client, pb = _client(iterator)
 
     async def body() -> list[tuple[int, ...]]:
-        stream = client.stream("generation_0", {"input_ids": np.zeros((1, 2), np.int32)}, {"request_type": "generation_only"}, "r:gen")
+        stream = client.stream(
+            "generation_0", {"input_ids": np.zeros((1, 2), np.int32)}, {"request_type": "generation_only"}, "r:gen"
+        )
         return [tuple(reply.tensors["output_ids"].reshape(-1)) async for reply in stream]  # type: ignore[index]
 
     replies = asyncio.run(body())  # one or two replies: ones that queued up while the loop was busy are joined
@@ -211,7 +213,9 @@ def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         queue.put_nowait(failure)
         pending: deque[Any] = deque()
-        return client._coalesce(EngineReply(tensors={"output_ids": np.array([[[1]]], dtype=np.int32)}), queue, pending), list(pending)
+        return client._coalesce(
+            EngineReply(tensors={"output_ids": np.array([[[1]]], dtype=np.int32)}), queue, pending
+        ), list(pending)
 
     joined, pending = asyncio.run(body())
     assert joined.tensors is not None and joined.tensors["output_ids"].tolist() == [[[1]]] and pending == [failure]
@@ -219,7 +223,9 @@ def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
 
 def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
     """Through BLS, Triton 2.51 gives the caller a generic code; the engine's prefix is the truth."""
-    lost = _Response(error=_Error("NOT_FOUND: context engine 'context_1' refused the KV pull", FakePb.TritonError.INTERNAL))
+    lost = _Response(
+        error=_Error("NOT_FOUND: context engine 'context_1' refused the KV pull", FakePb.TritonError.INTERNAL)
+    )
     iterator = _BlockingIterator([lost])
     iterator.release.set()
     client, _ = _client(iterator)

@@ -55,7 +55,9 @@ def test_stop_through_the_ensemble_ends_the_request_and_frees_its_kv(idle: Trito
     rid = f"victim-{stream}"
     victim: list[Any] = []
     thread = threading.Thread(
-        target=lambda: victim.extend(generate(server.grpc_url, "the cat sat on the mat and the", LONG, stream=stream, request_id=rid))
+        target=lambda: victim.extend(
+            generate(server.grpc_url, "the cat sat on the mat and the", LONG, stream=stream, request_id=rid)
+        )
     )
     thread.start()
     try:
@@ -98,10 +100,17 @@ def test_stop_directly_to_the_orchestrator(idle: TritonServer) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer("orchestrator", token_inputs(IDS, LONG, streaming=True), request_id="direct", enable_empty_final_response=True)
+        client.async_stream_infer(
+            "orchestrator",
+            token_inputs(IDS, LONG, streaming=True),
+            request_id="direct",
+            enable_empty_final_response=True,
+        )
         result, error = responses.get(timeout=30)
         assert error is None
-        client.async_stream_infer("orchestrator", token_inputs([0], 1, stop=True), request_id="direct", enable_empty_final_response=True)
+        client.async_stream_infer(
+            "orchestrator", token_inputs([0], 1, stop=True), request_id="direct", enable_empty_final_response=True
+        )
         finals = 0
         while finals < 2:  # the stopped request's final and the stop's own
             result, error = responses.get(timeout=30)

@@ -46,7 +46,10 @@ def test_compare_writes_json_csv_and_png(tmp_path: Path) -> None:
     assert [p["concurrency"] for p in matched["generation_points"]] == [1, 2]
     assert matched["context_requests_per_s"] > 0 and matched["osl"] == 6
     for p in matched["points"]:
-        assert p["context_engines"] + p["generation_engines"] <= 2 and p["label"] == f"c{p['context_engines']}g{p['generation_engines']}"
+        assert (
+            p["context_engines"] + p["generation_engines"] <= 2
+            and p["label"] == f"c{p['context_engines']}g{p['generation_engines']}"
+        )
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])

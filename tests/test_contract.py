@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator.routing.policies import POLICIES, make_policy
 from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.text.preprocess import TextLimits
 from orchestrator.wire.contract import (
     FORWARDED_INPUTS,
     EngineOutput,
@@ -25,10 +28,7 @@ from orchestrator.wire.contract import (
     parse_request,
     with_batch_dim,
 )
-from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.wire.errors import ErrorCode, InvalidInput
-from orchestrator.text.preprocess import TextLimits
-from orchestrator.routing.policies import POLICIES, make_policy
 from orchestrator.wire.stop_condition import StopCondition, build_word_list, parse_word_list
 
 Tensors = dict[str, np.ndarray]

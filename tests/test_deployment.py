@@ -20,12 +20,20 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
-from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.ops.deployment import DeploymentError, load, mpi_world_size, parse
-from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.ops.k8s_manifests import manifests
 from orchestrator.ops.launch_plan import launch_script
-from scripts.deploy import CLUSTER_NETWORKS, build, check_manifests, deployment_secrets, main, with_kv_transfer_host, write_manifests
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.stub_engine.config import EngineConfig
+from scripts.deploy import (
+    CLUSTER_NETWORKS,
+    build,
+    check_manifests,
+    deployment_secrets,
+    main,
+    with_kv_transfer_host,
+    write_manifests,
+)
 from scripts.repository import DEFAULT_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,55 +75,180 @@ def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     "base, key, value, message",
     [
         # real engines: one MPI world per server
-        (REAL, "pools.generation.participant_ids", [[4]], r"pools.generation.participant_ids\[0\]: rank 4 is also used by pools.context engine 1"),
-        (REAL, "pools.generation.gpu_device_ids", [[1]], r"pools.generation.gpu_device_ids\[0\]: GPU 1 is also used by pools.context engine 0"),
-        (REAL, "pools.generation.participant_ids", [[7]], r"participant_ids: .*ranks \[1, 2, 3, 4, 7\] but their MPI world has 6 ranks.*exactly 1..5"),
-        (REAL, "pools.context.gpu_device_ids", [[0], [2]], r"gpu_device_ids\[0\]: engine 0 lists 1 GPU device ids but its world size .* is 2"),
-        (REAL, "pools.context.participant_ids", [[1, 2]], r"participant_ids: lists 1 engine\(s\) but the pool has engines: 2"),
+        (
+            REAL,
+            "pools.generation.participant_ids",
+            [[4]],
+            r"pools.generation.participant_ids\[0\]: rank 4 is also used by pools.context engine 1",
+        ),
+        (
+            REAL,
+            "pools.generation.gpu_device_ids",
+            [[1]],
+            r"pools.generation.gpu_device_ids\[0\]: GPU 1 is also used by pools.context engine 0",
+        ),
+        (
+            REAL,
+            "pools.generation.participant_ids",
+            [[7]],
+            r"participant_ids: .*ranks \[1, 2, 3, 4, 7\] but their MPI world has 6 ranks.*exactly 1..5",
+        ),
+        (
+            REAL,
+            "pools.context.gpu_device_ids",
+            [[0], [2]],
+            r"gpu_device_ids\[0\]: engine 0 lists 1 GPU device ids but its world size .* is 2",
+        ),
+        (
+            REAL,
+            "pools.context.participant_ids",
+            [[1, 2]],
+            r"participant_ids: lists 1 engine\(s\) but the pool has engines: 2",
+        ),
         (REAL, "pools.context.participant_ids", "1,2", r"participant_ids: must list .* one list per engine"),
         (REAL, "pools.context.engine_dir", None, r"pools.context.engine_dir: a tensorrtllm pool needs"),
         (REAL, "tokenizer_dir", None, r"tokenizer_dir: tensorrtllm engines need"),
-        (REAL, "pools.context.stub", {"prefill_us_per_token": 10}, r"pools.context.stub: stub-only options on a tensorrtllm pool"),
+        (
+            REAL,
+            "pools.context.stub",
+            {"prefill_us_per_token": 10},
+            r"pools.context.stub: stub-only options on a tensorrtllm pool",
+        ),
         (REAL, "pools.context.kv_cache_free_gpu_mem_fraction", 1.5, r"kv_cache_free_gpu_mem_fraction: must be between"),
         (STUBS, "pools.context.engine_dir", "/e", r"pools.context.engine_dir: is an option of tensorrtllm engines"),
-        (STUBS, "pools.generation.gpu_device_ids", [[0]], r"pools.generation.gpu_device_ids: is an option of tensorrtllm"),
+        (
+            STUBS,
+            "pools.generation.gpu_device_ids",
+            [[0]],
+            r"pools.generation.gpu_device_ids: is an option of tensorrtllm",
+        ),
         # streaming needs decoupled engines
         (STUBS, "pools.generation.decoupled", False, r"pools.generation.decoupled: is false, but streaming is on"),
         (REAL, "pools.context.decoupled", False, r"pools.context.decoupled: is false"),
         # routing
-        (STUBS, "routing.context", {"policy": "round_robin", "kv_weight": 2}, r"routing.context.kv_weight: policy 'round_robin' has no knob 'kv_weight'; its knobs: none"),
-        (STUBS, "routing.generation", {"policy": "least_loaded", "seed": 3}, r"routing.generation.seed: .*its knobs: load_metric"),
+        (
+            STUBS,
+            "routing.context",
+            {"policy": "round_robin", "kv_weight": 2},
+            r"routing.context.kv_weight: policy 'round_robin' has no knob 'kv_weight'; its knobs: none",
+        ),
+        (
+            STUBS,
+            "routing.generation",
+            {"policy": "least_loaded", "seed": 3},
+            r"routing.generation.seed: .*its knobs: load_metric",
+        ),
         (STUBS, "routing.context", {"policy": "fastest"}, r"routing.context.policy: must be one of"),
-        (STUBS, "routing.generation", {"policy": "least_loaded", "load_metric": "gpu"}, r"routing.generation: .*load_metric must be one of"),
-        (edited(STUBS, "routing.context", {"policy": "kv_aware", "kv_weight": 1}), "routing.generation", {"policy": "kv_aware", "kv_weight": 2}, r"routing.generation.kv_weight: is 2 but routing.context.kv_weight is 1"),
-        (edited(STUBS, "pools.context", None), "routing.local_prefill_max_tokens", 64, r"routing: local_prefill_max_tokens .* need a context pool"),
+        (
+            STUBS,
+            "routing.generation",
+            {"policy": "least_loaded", "load_metric": "gpu"},
+            r"routing.generation: .*load_metric must be one of",
+        ),
+        (
+            edited(STUBS, "routing.context", {"policy": "kv_aware", "kv_weight": 1}),
+            "routing.generation",
+            {"policy": "kv_aware", "kv_weight": 2},
+            r"routing.generation.kv_weight: is 2 but routing.context.kv_weight is 1",
+        ),
+        (
+            edited(STUBS, "pools.context", None),
+            "routing.local_prefill_max_tokens",
+            64,
+            r"routing: local_prefill_max_tokens .* need a context pool",
+        ),
         # pools and stub knobs
         (STUBS, "pools.generation.engines", 0, r"pools.generation.engines: must be >= 1, got 0"),
         (STUBS, "pools.generation", None, r"pools.generation: is required"),
         (STUBS, "pools.context.tensor_parallel", 3, r"pools.context: engine parameter .*tensor_parallel_size"),
-        (STUBS, "pools.context.tokens_per_block", 16, r"pools.context.tokens_per_block: is 16 but the generation pool's is 32"),
+        (
+            STUBS,
+            "pools.context.tokens_per_block",
+            16,
+            r"pools.context.tokens_per_block: is 16 but the generation pool's is 32",
+        ),
         (STUBS, "pools.context.stub", {"fault": "boom"}, r"pools.context: engine parameter 'fault' must be one of"),
-        (STUBS, "pools.context.stub", {"prefil_us_per_token": 3}, r"pools.context.stub.prefil_us_per_token: unknown stub engine knob"),
-        (STUBS, "pools.context.stub", {"tensor_parallel_size": 2}, r"pools.context.stub.tensor_parallel_size: is set on the pool itself"),
-        (STUBS, "pools.context.stub", {"step_overhead_ms": [1]}, r"pools.context.stub.step_overhead_ms: must be a single value"),
-        (STUBS, "pools.context.stub", {"max_queued_requests": -1}, r"pools.context: engine parameter 'max_queued_requests' must be >= 0 \(0: unlimited\), got -1"),
+        (
+            STUBS,
+            "pools.context.stub",
+            {"prefil_us_per_token": 3},
+            r"pools.context.stub.prefil_us_per_token: unknown stub engine knob",
+        ),
+        (
+            STUBS,
+            "pools.context.stub",
+            {"tensor_parallel_size": 2},
+            r"pools.context.stub.tensor_parallel_size: is set on the pool itself",
+        ),
+        (
+            STUBS,
+            "pools.context.stub",
+            {"step_overhead_ms": [1]},
+            r"pools.context.stub.step_overhead_ms: must be a single value",
+        ),
+        (
+            STUBS,
+            "pools.context.stub",
+            {"max_queued_requests": -1},
+            r"pools.context: engine parameter 'max_queued_requests' must be >= 0 \(0: unlimited\), got -1",
+        ),
         (STUBS, "pools.context.enginez", 2, r"pools.context.enginez: unknown key; this section takes: .*engines"),
-        (STUBS, "pools.prefill", {"engines": 1}, r"pools.prefill: unknown key; this section takes: context, generation"),
+        (
+            STUBS,
+            "pools.prefill",
+            {"engines": 1},
+            r"pools.prefill: unknown key; this section takes: context, generation",
+        ),
         (STUBS, "pool", {}, r"pool: unknown key"),
         (STUBS, "pools.context.engines", "two", r"pools.context.engines: must be a whole number, got 'two'"),
         # orchestrator
-        (STUBS, "orchestrator.settings", {"max_retrys": 1}, r"orchestrator.settings.max_retrys: unknown orchestrator setting"),
-        (STUBS, "orchestrator.settings", {"context_policy": "random"}, r"orchestrator.settings.context_policy: is set by the deployment's pools and routing"),
-        (STUBS, "orchestrator.settings", {"engine_timeout_s": 0}, r"orchestrator.settings: .*'engine_timeout_s' must be > 0"),
-        (STUBS, "orchestrator.settings", {"max_in_flight": -1}, r"orchestrator.settings: .*'max_in_flight' must be >= 0, got -1"),
-        (STUBS, "orchestrator.settings", {"max_in_flight": "many"}, r"orchestrator.settings: .*'max_in_flight' must be a int, got 'many'"),
+        (
+            STUBS,
+            "orchestrator.settings",
+            {"max_retrys": 1},
+            r"orchestrator.settings.max_retrys: unknown orchestrator setting",
+        ),
+        (
+            STUBS,
+            "orchestrator.settings",
+            {"context_policy": "random"},
+            r"orchestrator.settings.context_policy: is set by the deployment's pools and routing",
+        ),
+        (
+            STUBS,
+            "orchestrator.settings",
+            {"engine_timeout_s": 0},
+            r"orchestrator.settings: .*'engine_timeout_s' must be > 0",
+        ),
+        (
+            STUBS,
+            "orchestrator.settings",
+            {"max_in_flight": -1},
+            r"orchestrator.settings: .*'max_in_flight' must be >= 0, got -1",
+        ),
+        (
+            STUBS,
+            "orchestrator.settings",
+            {"max_in_flight": "many"},
+            r"orchestrator.settings: .*'max_in_flight' must be a int, got 'many'",
+        ),
         (STUBS, "orchestrator.instances", 0, r"orchestrator.instances: must be >= 1"),
         (STUBS, "orchestrator.postprocessing_instances", 0, r"orchestrator.postprocessing_instances: must be >= 1"),
         # servers
         (THREE, "pools.context.server", None, r"pools.context.server: several servers are defined"),
-        (THREE, "pools.context.server", "cpu", r"pools.context.server: unknown server 'cpu'; defined: \['front', 'gpu'\]"),
+        (
+            THREE,
+            "pools.context.server",
+            "cpu",
+            r"pools.context.server: unknown server 'cpu'; defined: \['front', 'gpu'\]",
+        ),
         (THREE, "servers.gpu.grpc_port", 9000, r"servers.gpu: 127.0.0.1:9000 is also used by server 'front'"),
-        (THREE, "servers.spare", {"http_port": 9200, "grpc_port": 9201, "metrics_port": 9202}, r"servers.spare: hosts nothing"),
+        (
+            THREE,
+            "servers.spare",
+            {"http_port": 9200, "grpc_port": 9201, "metrics_port": 9202},
+            r"servers.spare: hosts nothing",
+        ),
         (THREE, "servers.gpu.http_port", 9101, r"servers.gpu: http_port, grpc_port and metrics_port must differ"),
         (THREE, "servers.Front", {}, r"servers.Front: server names must be lower-case DNS labels"),
         (STUBS, "name", "My Deployment", r"name: must be a lower-case DNS label"),
@@ -147,7 +280,9 @@ def test_load_reports_the_file_and_yaml_errors(tmp_path: Path) -> None:
 def test_check_command_exits_2_with_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("routing:\n  context: {policy: random, kv_weight: 3}\n")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy.py"), "check", str(bad)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deploy.py"), "check", str(bad)], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert "routing.context.kv_weight: policy 'random' has no knob 'kv_weight'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -161,16 +296,30 @@ def test_default_file_generates_the_committed_repository(tmp_path: Path) -> None
     """The committed model_repository is what deployments/default.yaml describes, byte for byte."""
     repos = build(load(ROOT / "deployments" / "default.yaml"), tmp_path)
     generated = sorted(p.name for p in repos["main"].iterdir())
-    assert generated == ["context_0", "context_1", "ensemble", "generation_0", "generation_1", "orchestrator", "postprocessing", "preprocessing"]
+    assert generated == [
+        "context_0",
+        "context_1",
+        "ensemble",
+        "generation_0",
+        "generation_1",
+        "orchestrator",
+        "postprocessing",
+        "preprocessing",
+    ]
     for name in generated:
-        assert (repos["main"] / name / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / name / "config.pbtxt").read_text(), name
+        assert (repos["main"] / name / "config.pbtxt").read_text() == (
+            DEFAULT_REPOSITORY / name / "config.pbtxt"
+        ).read_text(), name
         assert _code(repos["main"] / name / "1") == _code(DEFAULT_REPOSITORY / name / "1"), name
 
 
 def test_instance_counts_reach_the_generated_configs(tmp_path: Path) -> None:
     deployment = parse(edited(edited(STUBS, "orchestrator.instances", 3), "orchestrator.postprocessing_instances", 2))
     repos = build(deployment, tmp_path)
-    counts = {m: _model_config(repos["main"] / m / "config.pbtxt").instance_group[0].count for m in ("orchestrator", "postprocessing")}
+    counts = {
+        m: _model_config(repos["main"] / m / "config.pbtxt").instance_group[0].count
+        for m in ("orchestrator", "postprocessing")
+    }
     assert counts == {"orchestrator": 3, "postprocessing": 2}
     post = _model_config(repos["main"] / "postprocessing" / "config.pbtxt")
     assert post.dynamic_batching.preserve_ordering  # what keeps streams in order with several instances
@@ -204,7 +353,10 @@ def test_engines_over_grpc_names_even_local_engines_by_endpoint() -> None:
 def test_aggregated_file_has_no_context_engines(tmp_path: Path) -> None:
     deployment = load(ROOT / "deployments" / "aggregated.yaml")
     params = deployment.orchestrator_parameters()
-    assert params["context_engines"] == "" and params["generation_engines"] == "generation_0,generation_1,generation_2,generation_3"
+    assert (
+        params["context_engines"] == ""
+        and params["generation_engines"] == "generation_0,generation_1,generation_2,generation_3"
+    )
     assert params["generation_policy"] == "least_loaded" and params["load_metric"] == "tokens"
 
 
@@ -226,7 +378,12 @@ def test_tensorrtllm_configs_parse_and_keep_the_contract(tmp_path: Path) -> None
         assert params["participant_ids"] == ranks and params["gpu_device_ids"] == gpus
         assert params["gpt_model_type"] == "inflight_fused_batching"
         assert params["gpt_model_path"] == ("/e/ctx" if name.startswith("context") else "/e/gen")
-        for required in ("tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend", "executor_worker_path"):
+        for required in (
+            "tokenizer_dir",
+            "xgrammar_tokenizer_info_path",
+            "guided_decoding_backend",
+            "executor_worker_path",
+        ):
             assert required in params
         inputs = {t.name: (t.data_type, list(t.dims), t.optional) for t in config.input}
         assert inputs == {t.name: (t.data_type, list(t.dims), t.optional) for t in stub.input}
@@ -257,7 +414,12 @@ def test_three_server_file_points_the_frontend_at_the_engine_servers(tmp_path: P
     assert params["generation_engines"] == "grpc://127.0.0.1:8201/generation_0,grpc://127.0.0.1:8201/generation_1"
     repos = build(deployment, tmp_path)
     assert sorted(p.name for p in repos["context"].iterdir()) == ["context_0", "context_1"]
-    assert sorted(p.name for p in repos["frontend"].iterdir()) == ["ensemble", "orchestrator", "postprocessing", "preprocessing"]
+    assert sorted(p.name for p in repos["frontend"].iterdir()) == [
+        "ensemble",
+        "orchestrator",
+        "postprocessing",
+        "preprocessing",
+    ]
     assert (tmp_path / "launch-generation.sh").stat().st_mode & 0o111
 
 
@@ -275,11 +437,20 @@ def test_kubernetes_manifests_validate_and_probe_health(name: str, tmp_path: Pat
             assert server.host == manifest["metadata"]["name"]  # peers reach it by its Service name
         container = manifest["spec"]["template"]["spec"]["containers"][0]
         assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-        assert f"--server {server.name}" in container["command"][-1] and '--kv-transfer-host "$POD_IP"' in container["command"][-1]
+        assert (
+            f"--server {server.name}" in container["command"][-1]
+            and '--kv-transfer-host "$POD_IP"' in container["command"][-1]
+        )
         assert container["env"] == [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "DISAGG_KV_SECRET", "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "kv-secret"}}},
-            {"name": "DISAGG_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "admin-key"}}},
+            {
+                "name": "DISAGG_KV_SECRET",
+                "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "kv-secret"}},
+            },
+            {
+                "name": "DISAGG_ADMIN_KEY",
+                "valueFrom": {"secretKeyRef": {"name": f"{in_cluster.name}-secrets", "key": "admin-key"}},
+            },
         ]
     gpus = [d["spec"]["template"]["spec"]["containers"][0].get("resources", {}) for d in deployments]
     assert gpus == ([{"limits": {"nvidia.com/gpu": 2}}] if name.startswith("trtllm") else [{}, {}, {}])
@@ -324,7 +495,9 @@ def test_generation_engines_pull_only_from_the_hosts_the_deployment_names(tmp_pa
     pod = with_kv_transfer_host(parse(THREE), "gpu", "10.1.2.3")
     assert all(p.stub["kv_peer_hosts"] == CLUSTER_NETWORKS for p in pod.pools if p.server == "gpu")
     own = parse(edited(THREE, "pools.generation.stub", {"kv_peer_hosts": "10.9.0.0/16"}))
-    assert [p.stub.get("kv_peer_hosts") for p in with_kv_transfer_host(own, "gpu", "10.1.2.3").pools][-1] == "10.9.0.0/16"
+    assert [p.stub.get("kv_peer_hosts") for p in with_kv_transfer_host(own, "gpu", "10.1.2.3").pools][
+        -1
+    ] == "10.9.0.0/16"
     build(parse(THREE), tmp_path / "loopback")  # all on loopback: the engines' own default stays
     config = (tmp_path / "loopback" / "gpu" / "generation_0" / "config.pbtxt").read_text()
     assert "kv_peer_hosts" not in config
@@ -332,7 +505,9 @@ def test_generation_engines_pull_only_from_the_hosts_the_deployment_names(tmp_pa
 
 # -- secrets every server of a deployment shares --------------------------------------
 def _secrets(out: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in (out / "secrets.env").read_text().splitlines() if not line.startswith("#"))
+    return dict(
+        line.split("=", 1) for line in (out / "secrets.env").read_text().splitlines() if not line.startswith("#")
+    )
 
 
 def test_build_writes_private_secrets_and_a_rebuild_keeps_them(tmp_path: Path) -> None:
@@ -346,7 +521,19 @@ def test_build_writes_private_secrets_and_a_rebuild_keeps_them(tmp_path: Path) -
     build(deployment, tmp_path / "a")  # a rebuild must not rotate them under running servers
     assert _secrets(tmp_path / "a") == first == deployment_secrets(tmp_path / "a")
     assert stat.S_IMODE((tmp_path / "a" / "secrets.env").stat().st_mode) == 0o600
-    assert main(["build", str(ROOT / "deployments" / "three-server.yaml"), "--server", "context", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(ROOT / "deployments" / "three-server.yaml"),
+                "--server",
+                "context",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     assert _secrets(tmp_path / "a") == first  # one server's rebuild (what a pod does) too
     build(deployment, tmp_path / "b")
     assert all(_secrets(tmp_path / "b")[k] != first[k] for k in first)  # another build: its own
@@ -373,7 +560,9 @@ _FAKE = """#!/usr/bin/env bash
 """
 
 
-def _run_launch_script(out: Path, server: str, env: dict[str, str], tool: str) -> tuple[subprocess.CompletedProcess[str], str]:
+def _run_launch_script(
+    out: Path, server: str, env: dict[str, str], tool: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
     """Run `out/launch-<server>.sh` with `tool` (tritonserver or mpirun) replaced by a recorder."""
     bin_dir = out / "fake-bin"
     bin_dir.mkdir(exist_ok=True)
@@ -399,7 +588,10 @@ def test_launch_scripts_load_the_secrets_unless_they_are_set(tmp_path: Path) -> 
     done, seen = _run_launch_script(tmp_path, "main", {}, "tritonserver")
     assert done.returncode == 0, done.stderr
     lock = f"model-repository,model-config,shared-memory,trace,logging:admin-key={secrets[ADMIN_KEY_ENV]}"
-    assert f"--http-restricted-api={lock}" in seen.splitlines() and f"--grpc-restricted-protocol={lock}" in seen.splitlines()
+    assert (
+        f"--http-restricted-api={lock}" in seen.splitlines()
+        and f"--grpc-restricted-protocol={lock}" in seen.splitlines()
+    )
     # the KV secret reaches the server's environment; the admin key only its flags
     assert f"env KV={secrets[KV_SECRET_ENV]} ADMIN=unset" in seen
     key_file = tmp_path / "admin-key"
@@ -412,7 +604,11 @@ def test_launch_scripts_load_the_secrets_unless_they_are_set(tmp_path: Path) -> 
     assert "secrets.env is missing and DISAGG_KV_SECRET / DISAGG_ADMIN_KEY are not both set" in done.stderr
     both = {KV_SECRET_ENV: "kv-from-env", ADMIN_KEY_ENV: "admin-key-from-env-1234"}
     done, seen = _run_launch_script(tmp_path, "main", both, "tritonserver")
-    assert done.returncode == 0 and "env KV=kv-from-env ADMIN=unset" in seen and "admin-key=admin-key-from-env-1234" in seen
+    assert (
+        done.returncode == 0
+        and "env KV=kv-from-env ADMIN=unset" in seen
+        and "admin-key=admin-key-from-env-1234" in seen
+    )
 
 
 def test_the_mpi_world_loads_the_secrets_and_locks_every_rank(tmp_path: Path) -> None:

@@ -5,6 +5,12 @@ request ran whole on a generation-pool engine."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -12,17 +18,10 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import replace
-
+from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from orchestrator.ops.deployment import load, parse
 from orchestrator.ops.k8s_manifests import manifests
 from scripts.client import generate
-from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from scripts.deploy import build, deployment_secrets
 from scripts.launch import TritonServer, free_port
 
@@ -35,7 +34,9 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
     out = tmp_path_factory.mktemp("aggregated")
     repos = build(load(ROOT / "deployments" / "aggregated.yaml"), out)
     secrets = deployment_secrets(out)  # what its launch script would use
-    with TritonServer(model_repository=repos["main"], kv_secret=secrets[KV_SECRET_ENV], admin_key=secrets[ADMIN_KEY_ENV]) as srv:
+    with TritonServer(
+        model_repository=repos["main"], kv_secret=secrets[KV_SECRET_ENV], admin_key=secrets[ADMIN_KEY_ENV]
+    ) as srv:
         yield srv
 
 
@@ -48,7 +49,13 @@ def test_generated_models_are_all_ready(aggregated: TritonServer) -> None:
     client = grpcclient.InferenceServerClient(aggregated.grpc_url)
     index = client.get_model_repository_index(headers=aggregated.admin_headers("grpc"), as_json=True)  # a locked API
     names = {m["name"] for m in index["models"]}
-    assert names == {"ensemble", "preprocessing", "orchestrator", "postprocessing", *(f"generation_{i}" for i in range(4))}
+    assert names == {
+        "ensemble",
+        "preprocessing",
+        "orchestrator",
+        "postprocessing",
+        *(f"generation_{i}" for i in range(4)),
+    }
     assert all(client.is_model_ready(n) for n in names)
 
 
@@ -60,7 +67,9 @@ def test_aggregated_deployment_serves_the_same_text(aggregated: TritonServer, se
     body = {"text_input": PROMPTS[0], "max_tokens": 10, "exclude_input_in_output": True}
     reply = requests.post(f"http://{aggregated.http_url}/v2/models/ensemble/generate", json=body, timeout=60)
     assert reply.status_code == 200
-    assert reply.json()["text_output"] == "".join(d.text for d in generate(server.grpc_url, PROMPTS[0], 10, stream=True))
+    assert reply.json()["text_output"] == "".join(
+        d.text for d in generate(server.grpc_url, PROMPTS[0], 10, stream=True)
+    )
     engine_requests = sum(_successes(aggregated, f"generation_{i}") for i in range(4))
     assert engine_requests == len(PROMPTS) + 1  # one whole (aggregated) request per client request
     used = [i for i in range(4) if _successes(aggregated, f"generation_{i}")]
@@ -92,8 +101,14 @@ def test_the_generated_launch_script_starts_a_serving_server(tmp_path: Path) -> 
     build(deployment, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TRITONSERVER"}
     env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if not (Path(p) / "tritonserver").exists())
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(["bash", str(tmp_path / "launch-main.sh")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        ["bash", str(tmp_path / "launch-main.sh")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         deadline = time.monotonic() + 120
@@ -101,7 +116,7 @@ def test_the_generated_launch_script_starts_a_serving_server(tmp_path: Path) -> 
             try:
                 if client.is_server_ready():
                     break
-            except Exception:  # noqa: BLE001 - not listening yet
+            except Exception:
                 pass
             time.sleep(0.2)
         assert client.is_server_ready(), (tmp_path / "server.log").read_text()[-2000:]

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncGenerator, Mapping
 
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import stop_tensors
 from orchestrator.clients.dispatch import EndpointClient, answers_once
 from orchestrator.clients.engine_client import EngineReply
 from orchestrator.runtime.self_endpoint import grpc_address_from_argv, loopback_address, server_grpc_address
+from orchestrator.wire.contract import stop_tensors
 
 
 class _Recorder:
@@ -25,7 +25,7 @@ class _Recorder:
         self.engines: list[str] = []
 
     async def stream(self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any],
-                     request_id: str) -> AsyncIterator[EngineReply]:  # fmt: skip
+                     request_id: str) -> AsyncGenerator[EngineReply, None]:  # fmt: skip
         self.engines.append(engine)
         yield EngineReply(tensors={})
 
@@ -48,7 +48,9 @@ NOT_STREAMING = {"input_ids": np.zeros((1, 3), np.int32), "streaming": np.zeros(
         (stop_tensors(), {}, True),
     ],
 )
-def test_only_context_phases_non_streaming_requests_and_stops_answer_once(tensors: dict, parameters: dict, once: bool) -> None:
+def test_only_context_phases_non_streaming_requests_and_stops_answer_once(
+    tensors: dict, parameters: dict, once: bool
+) -> None:
     assert answers_once(tensors, parameters) is once
 
 
@@ -113,7 +115,9 @@ def test_a_server_without_grpc_needs_the_address_set_or_bls() -> None:
 
 def test_the_address_is_read_from_a_real_process() -> None:
     code = "import sys; print('up', flush=True); sys.stdin.read()"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--grpc-port=18123"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--grpc-port=18123"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"up\n"  # exec'd: /proc shows its own argv
         assert server_grpc_address(proc.pid) == "127.0.0.1:18123"

@@ -15,17 +15,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.wire.contract import RequestType, SamplingParams
 from orchestrator.stub_engine.core import EngineCore
 from orchestrator.stub_engine.handoff import MAGIC, Handoff
 from orchestrator.stub_engine.kv_auth import KeyRing
 from orchestrator.stub_engine.kv_layout import Geometry, Layout
+from orchestrator.wire.contract import RequestType, SamplingParams
 from orchestrator.wire.errors import InvalidInput
 from tests.engine_harness import (
-    TEST_KEYS,
     OTHER_PROMPT,
     PROMPT,
     SAMPLING_SETS,
+    TEST_KEYS,
     TOK,
     Call,
     RecordingSink,
@@ -38,7 +38,6 @@ from tests.engine_harness import (
     submit,
 )
 from tests.engine_harness import prompts as _prompts
-
 
 # -- phases ---------------------------------------------------------------------------
 
@@ -85,6 +84,7 @@ def test_streaming_concatenates_to_non_streaming(request_type: RequestType) -> N
 
     async def body() -> None:
         ctx, core = new_core("ctx"), new_core("gen")
+
         async def blob(ids: tuple[int, ...]) -> bytes | None:
             """A fresh handoff per request: a lease is pulled once."""
             if request_type is not RequestType.GENERATION_ONLY:

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from orchestrator.wire.contract import RequestType
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.faults import chosen_fault
+from orchestrator.wire.contract import RequestType
 from orchestrator.wire.errors import ErrorCode, InvalidInput
 from tests.engine_harness import PROMPT, context_blob, new_core, request, run, submit
 

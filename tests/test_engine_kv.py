@@ -14,16 +14,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import RequestType
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.handoff import Handoff
 from orchestrator.stub_engine.transfer import KVTransport, TcpTransport, make_transport
+from orchestrator.wire.contract import RequestType
 from orchestrator.wire.errors import ErrorCode, InvalidInput
 from tests.engine_harness import (
-    TEST_KEYS,
-    RecordingSink,
     PROMPT,
     SAMPLING_SETS,
+    TEST_KEYS,
+    RecordingSink,
     complete,
     context_blob,
     disaggregated,
@@ -83,7 +83,9 @@ def test_disaggregated_equals_aggregated_over_transports_and_layouts(
 
     async def body() -> None:
         agg = new_core("agg", tokens_per_block=4)
-        ctx = new_core("ctx", tokens_per_block=4, tensor_parallel_size=ctx_layout[0], pipeline_parallel_size=ctx_layout[1])
+        ctx = new_core(
+            "ctx", tokens_per_block=4, tensor_parallel_size=ctx_layout[0], pipeline_parallel_size=ctx_layout[1]
+        )
         gen = new_core(
             "gen", tokens_per_block=4, tensor_parallel_size=gen_layout[0], pipeline_parallel_size=gen_layout[1],
             kv_transport=transport,
@@ -252,7 +254,9 @@ def test_cancelled_request_ends_cancelled_and_frees_its_blocks(where: str) -> No
         await blocker.first.wait()
         if where == "pulling":
             _, blob = await context_blob(ctx, request((5, 6, 7), max_tokens=4))
-            victim = await submit(core, request((5, 6, 7), rid="v", max_tokens=4, request_type=RequestType.GENERATION_ONLY, blob=blob))
+            victim = await submit(
+                core, request((5, 6, 7), rid="v", max_tokens=4, request_type=RequestType.GENERATION_ONLY, blob=blob)
+            )
             await gated.started.wait()
         elif where == "waiting":
             victim = await submit(core, request(tuple(range(30, 42)), rid="v", max_tokens=16))  # no blocks yet
@@ -274,7 +278,10 @@ def test_close_fails_in_flight_requests_unavailable() -> None:
 
     async def body() -> None:
         core = new_core(tokens_per_block=4)
-        sinks = [await submit(core, request(ids, rid=str(i), max_tokens=50, streaming=True)) for i, ids in enumerate(prompts(5))]
+        sinks = [
+            await submit(core, request(ids, rid=str(i), max_tokens=50, streaming=True))
+            for i, ids in enumerate(prompts(5))
+        ]
         await sinks[0].first.wait()
         await core.close()
         for sink in sinks:
@@ -377,7 +384,12 @@ def test_bad_engine_parameters_name_their_key(params: dict[str, str], message: s
 
 def test_engine_parameters_parse_and_ignore_foreign_keys() -> None:
     c = EngineConfig.from_parameters(
-        {"enable_kv_cache_reuse": "false", "kv_transport": "tcp", "tensor_parallel_size": "2", "gpt_model_type": "inflight_fused_batching"}
+        {
+            "enable_kv_cache_reuse": "false",
+            "kv_transport": "tcp",
+            "tensor_parallel_size": "2",
+            "gpt_model_type": "inflight_fused_batching",
+        }
     )
     assert (c.enable_kv_cache_reuse, c.kv_transport, c.tensor_parallel_size) == (False, "tcp", 2)
     assert make_transport("shm", TEST_KEYS).name == "shm"

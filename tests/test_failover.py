@@ -7,29 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import EngineOutput, parse_request
-from orchestrator.text.detokenize import completion_text
-from orchestrator.stub_engine.core import EngineCore
 from orchestrator.clients.engine_client import EngineClient, EngineReply
-from orchestrator.wire.errors import ErrorCode, RequestError
 from orchestrator.routing.health import BreakerState
 from orchestrator.serving.migration import continuation_tensors
 from orchestrator.serving.router import Phase
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.text.detokenize import completion_text
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.wire.errors import ErrorCode, RequestError
 from orchestrator.wire.stop_condition import build_word_list
 from tests.pipeline_harness import (
     FREE,
     PROMPTS,
     SAMPLED,
     TOK,
-    CollectingSink,
     Cluster,
+    CollectingSink,
     RecordingResponseSink,
     Tensors,
     assert_same_text,
@@ -83,7 +83,15 @@ def test_failing_context_engine_is_retried_then_skipped(streaming: bool) -> None
         for i in range(6):
             ids = await serve_ok(c, tensors, f"r{i}")
             assert ids[-len(expected) :] == expected
-        assert c.client.engines(CTX) == ["context_0", "context_1", "context_0", "context_0", "context_0", "context_0", "context_0"]
+        assert c.client.engines(CTX) == [
+            "context_0",
+            "context_1",
+            "context_0",
+            "context_0",
+            "context_0",
+            "context_0",
+            "context_0",
+        ]
         state = c.orch.router.pools[Phase.CONTEXT].get("context_1")
         assert state is not None and state.breaker.state is BreakerState.OPEN and state.failures == 1
         assert c.orch.router.retries["context"] == 1
@@ -142,7 +150,7 @@ class FailAfter:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         count = 0
         async for reply in self.inner.stream(engine, tensors, parameters, request_id):
             if parameters.get("request_type") == GEN and count == self.after:
@@ -286,8 +294,13 @@ def test_spent_migration_budget_ends_unavailable_and_says_so() -> None:
         sink = await c.serve(tensors, "r")
         error = sink.failed()
         assert error.code is ErrorCode.UNAVAILABLE
-        assert error.message.startswith("generation phase failed on engine 'generation_1'") and "crashed mid-stream" in error.message
-        assert "(after tokens were streamed: migrated 1 time, from generation_0; max_migrations=1 spent)" in error.message
+        assert (
+            error.message.startswith("generation phase failed on engine 'generation_1'")
+            and "crashed mid-stream" in error.message
+        )
+        assert (
+            "(after tokens were streamed: migrated 1 time, from generation_0; max_migrations=1 spent)" in error.message
+        )
         assert sink.ids == expected[: 2 * CRASH_AT]  # what both engines streamed, each token once
         assert migrations(c, engine="generation_0", outcome="unavailable") == 1
 
@@ -301,7 +314,10 @@ def test_migration_with_nowhere_to_go_ends_unavailable_and_says_so() -> None:
         sink = await c.serve(client_tensors(PROMPTS["ascii"], 24, streaming=True), "r")
         error = sink.failed()
         assert error.code is ErrorCode.UNAVAILABLE and "crashed mid-stream" in error.message
-        assert "(after tokens were streamed: migration 1 of max_migrations=1 failed: no generation engine is available" in error.message
+        assert (
+            "(after tokens were streamed: migration 1 of max_migrations=1 failed: no generation engine is available"
+            in error.message
+        )
         assert len(sink.responses) == CRASH_AT
         assert migrations(c, engine="generation_0", outcome="unavailable") == 1
 
@@ -355,7 +371,7 @@ class StealLease:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         if parameters.get("request_type") == GEN and not self.stolen:
             self.stolen = True
             sink = CollectingSink()
@@ -401,7 +417,11 @@ def test_lost_kv_lease_without_retries_left_is_unavailable() -> None:
     async def body(c: Cluster) -> None:
         sink = await c.serve(client_tensors(PROMPTS["ascii"], 6, streaming=False), "r")
         error = sink.failed()
-        assert error.code is ErrorCode.UNAVAILABLE and "KV cache was lost" in error.message and "no such lease" in error.message
+        assert (
+            error.code is ErrorCode.UNAVAILABLE
+            and "KV cache was lost" in error.message
+            and "no such lease" in error.message
+        )
 
     run_with_lease_thief(body, routing={"max_retries": 0})
 
@@ -533,7 +553,9 @@ def test_readiness_probe_takes_a_dead_engine_out_and_back() -> None:
 
 
 def test_continuation_inputs_carry_prompt_plus_generated_and_the_rest_of_the_budget() -> None:
-    tensors = client_tensors(PROMPTS["ascii"], 10, streaming=True, extra={"min_tokens": np.array([[4]], dtype=np.int32)})
+    tensors = client_tensors(
+        PROMPTS["ascii"], 10, streaming=True, extra={"min_tokens": np.array([[4]], dtype=np.int32)}
+    )
     request = parse_request(tensors, {}, "r")
     cont = parse_request(continuation_tensors(tensors, request, [7, 8, 9]), {}, "r:m1")
     assert cont.input_ids == request.input_ids + (7, 8, 9)

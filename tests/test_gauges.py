@@ -20,7 +20,7 @@ class _Pb:
             def __init__(self, name: str, description: str, kind: str) -> None:
                 self.name = name
 
-            def Metric(self, labels: dict[str, str]) -> Any:  # noqa: N802 - pb_utils' name
+            def Metric(self, labels: dict[str, str]) -> Any:
                 family = self
 
                 class _Metric:
@@ -35,7 +35,9 @@ class _Pb:
 def test_a_tick_flushes_before_it_publishes() -> None:
     events: list[str] = []
     state = {"active_requests": 1}
-    gauges = StateGauges(_Pb(events), "disagg_engine", "context_0", lambda: dict(state), also=lambda: events.append("flush"))
+    gauges = StateGauges(
+        _Pb(events), "disagg_engine", "context_0", lambda: dict(state), also=lambda: events.append("flush")
+    )
     events.clear()
     state["active_requests"] = 0
     gauges.tick()

@@ -21,8 +21,8 @@ import pytest
 from orchestrator.text.detokenize import completion_text
 from scripts.client import generate
 from scripts.launch import TritonServer
-from scripts.overhead import ZERO_COST
 from scripts.metrics import held, samples, samples_until, total, wait_released
+from scripts.overhead import ZERO_COST
 from scripts.repository import FRONTEND_MODELS, ModelSpec, derive, set_instance_count
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
@@ -102,7 +102,9 @@ def test_a_stop_reaches_its_request_on_whichever_instance_runs_it(slow_server: T
     finals: dict[str, Any] = {}
 
     def victim(rid: str) -> None:
-        finals[rid] = list(generate(slow_server.grpc_url, "the cat sat on the mat and the", LONG, stream=True, request_id=rid))[-1]
+        finals[rid] = list(
+            generate(slow_server.grpc_url, "the cat sat on the mat and the", LONG, stream=True, request_id=rid)
+        )[-1]
 
     threads = [threading.Thread(target=victim, args=(rid,)) for rid in victims]
     for thread in threads:

@@ -19,11 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wire.contract import RequestType
 from orchestrator.stub_engine.handoff import Handoff
-from orchestrator.stub_engine.kv_auth import MAC_LEN, NONCE_LEN, KeyRing, PeerHosts, PulledHandoffs, SecretError, remove_stale_keys
+from orchestrator.stub_engine.kv_auth import (
+    MAC_LEN,
+    NONCE_LEN,
+    KeyRing,
+    PeerHosts,
+    PulledHandoffs,
+    SecretError,
+    remove_stale_keys,
+)
 from orchestrator.stub_engine.transfer import ShmTransport, TcpTransport
-from orchestrator.wire.errors import ErrorCode, EngineUnavailable, InvalidInput, KVCacheGone
+from orchestrator.wire.contract import RequestType
+from orchestrator.wire.errors import EngineUnavailable, ErrorCode, InvalidInput, KVCacheGone
 from tests.engine_harness import PROMPT, TEST_KEYS, RecordingSink, complete, context_blob, new_core, request, run
 
 OTHER_KEYS = KeyRing.parse("a-secret-of-another-deployment", "the attacker")
@@ -35,7 +43,11 @@ OTHER_KEYS = KeyRing.parse("a-secret-of-another-deployment", "the attacker")
 def test_the_first_key_signs_and_every_key_verifies() -> None:
     """Rotation: 'old,new' still signs with old; 'new,old' signs with new and accepts old."""
     old, new = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
-    during, after, gone = KeyRing.parse(f"{old},{new}", "t"), KeyRing.parse(f"{new} {old}", "t"), KeyRing.parse(new, "t")
+    during, after, gone = (
+        KeyRing.parse(f"{old},{new}", "t"),
+        KeyRing.parse(f"{new} {old}", "t"),
+        KeyRing.parse(new, "t"),
+    )
     mac = during.sign(b"handoff", b"body")
     assert after.verify(mac, b"handoff", b"body") and not gone.verify(mac, b"handoff", b"body")
     assert during.verify(after.sign(b"handoff", b"body"), b"handoff", b"body")
@@ -43,7 +55,9 @@ def test_the_first_key_signs_and_every_key_verifies() -> None:
     assert not during.verify(during.sign(b"x", b"ab", b"c"), b"x", b"a", b"bc")  # parts cannot be shifted
 
 
-@pytest.mark.parametrize(("text", "message"), [("", "holds no key"), (" , ", "holds no key"), ("short", "5 characters")])
+@pytest.mark.parametrize(
+    ("text", "message"), [("", "holds no key"), (" , ", "holds no key"), ("short", "5 characters")]
+)
 def test_unusable_secrets_are_refused_with_where_they_came_from(text: str, message: str) -> None:
     with pytest.raises(SecretError, match=message) as info:
         KeyRing.parse(text, "environment variable DISAGG_KV_SECRET")
@@ -188,7 +202,11 @@ def test_a_pull_of_the_previous_protocol_is_refused() -> None:
         _, blob = await context_blob(ctx, request(PROMPT))
         reader, writer = await asyncio.open_connection("127.0.0.1", ctx.exchange.server.port)
         await reader.readexactly(4 + NONCE_LEN)
-        writer.write(struct.pack("<4sQIIB", b"KVP1", Handoff.decode(blob, TEST_KEYS).lease_id, 0, 1, 0).ljust(21 + NONCE_LEN + MAC_LEN, b"\0"))
+        writer.write(
+            struct.pack("<4sQIIB", b"KVP1", Handoff.decode(blob, TEST_KEYS).lease_id, 0, 1, 0).ljust(
+                21 + NONCE_LEN + MAC_LEN, b"\0"
+            )
+        )
         status = await reader.readexactly(1)
         (n,) = struct.unpack("<H", await reader.readexactly(2))
         assert status == b"\1" and b"unauthenticated" in await reader.readexactly(n)
@@ -208,7 +226,9 @@ async def _malicious_server(keys: KeyRing, segment: str, total: int) -> asyncio.
         fields, puller_nonce = frame[:21], frame[21 : 21 + NONCE_LEN]
         count = struct.unpack("<4sQIIB", fields)[3]
         name = segment.encode()
-        writer.write(b"\0" + keys.sign(b"serve", puller_nonce, server_nonce, fields) + struct.pack("<H", len(name)) + name)
+        writer.write(
+            b"\0" + keys.sign(b"serve", puller_nonce, server_nonce, fields) + struct.pack("<H", len(name)) + name
+        )
         writer.write(struct.pack(f"<II{count}I", total, count, *range(count)))
         await writer.drain()
         await reader.read()

@@ -125,7 +125,10 @@ def test_shared_store_is_attachable_until_closed():
 
 
 # -- tiny_model ---------------------------------------------------------------------------
-def run_prompt(tokens, layout=Layout(), key=0, table=(7, 2, 5, 0)) -> tuple[KVStore, SequenceKV]:
+ONE_RANK = Layout()
+
+
+def run_prompt(tokens, layout=ONE_RANK, key=0, table=(7, 2, 5, 0)) -> tuple[KVStore, SequenceKV]:
     store = KVStore(G, layout, 8)
     seq = SequenceKV(key, table=list(table))
     MODEL.write(store, seq, tokens, None)

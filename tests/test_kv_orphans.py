@@ -12,7 +12,9 @@ from orchestrator.stub_engine.kv_store import remove_orphans
 
 
 def test_segments_of_dead_creators_are_removed_and_nothing_else(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     names = {
         f"dkv_generation_0_{dead_pid}_0a1b2c3d": False,  # its creator exited: removed

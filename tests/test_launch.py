@@ -16,7 +16,7 @@ from scripts.launch import Installation, LaunchError, TritonServer, publish_admi
 
 
 class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
 
@@ -118,7 +118,9 @@ def test_your_own_restricted_api_flags_replace_ours_for_their_protocol() -> None
     assert server.admin_headers("http") == {"x-ops": "opensesame"}
     assert server.admin_headers("http", api="logging") == {}  # they left it open
     both = TritonServer(extra_args=[*theirs, "--grpc-restricted-protocol=trace:x-ops=opensesame"])
-    assert both.admin_args() == [] and both.admin_headers("grpc", api="trace") == {"triton-grpc-protocol-x-ops": "opensesame"}
+    assert both.admin_args() == [] and both.admin_headers("grpc", api="trace") == {
+        "triton-grpc-protocol-x-ops": "opensesame"
+    }
 
 
 def test_the_launcher_writes_the_key_for_its_owner_only(

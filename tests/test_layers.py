@@ -26,7 +26,13 @@ def imports_of(path: Path) -> set[str]:
     """The orchestrator subpackages a module imports (at any depth of the file)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, ast.Import)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "orchestrator" and len(parts) > 1:

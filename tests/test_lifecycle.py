@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import parse_request
 from orchestrator.stub_engine.config import EngineConfig
-from orchestrator.wire.errors import DuplicateRequest, ErrorCode, InvalidInput
 from orchestrator.telemetry.registry import MemoryRegistry
+from orchestrator.wire.contract import parse_request
+from orchestrator.wire.errors import DuplicateRequest, ErrorCode, InvalidInput
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, oracle, run
 
 IDLE = {"active_requests": 0, "leases": 0, "kv_blocks_in_use": 0, "kv_blocks_reserved": 0}
@@ -34,7 +34,9 @@ def long_lease(**overrides: EngineConfig) -> dict[str, EngineConfig]:
     return {name: overrides.get(name, LONG_LEASE) for name in names}
 
 
-def start(c: Cluster, prompt: str, max_tokens: int, rid: str, streaming: bool = True) -> tuple[asyncio.Task[None], RecordingResponseSink]:
+def start(
+    c: Cluster, prompt: str, max_tokens: int, rid: str, streaming: bool = True
+) -> tuple[asyncio.Task[None], RecordingResponseSink]:
     tensors = client_tensors(prompt, max_tokens, streaming=streaming)
     sink = RecordingResponseSink(c.client)
     return c.orch.start(parse_request(tensors, {}, rid), tensors, sink), sink
@@ -267,6 +269,7 @@ def test_ending_a_request_during_its_migration_frees_everything(ending: str) -> 
         sink = CancellingSink(after, client=c.client)
         task = c.orch.start(parse_request(tensors, {}, "moving"), tensors, sink)
         if ending == "stop":
+
             async def reached() -> None:  # the continuation reached the hanging engine
                 while not c.cores["generation_1"].active:
                     await asyncio.sleep(0.001)
@@ -283,12 +286,17 @@ def test_ending_a_request_during_its_migration_frees_everything(ending: str) -> 
             assert registry.value("disagg_orchestrator_migrations_total", engine="generation_0", outcome="stopped") == 1
         elif ending == "client":
             assert last.error is not None and last.error.code is ErrorCode.CANCELLED
-            assert registry.value("disagg_orchestrator_migrations_total", engine="generation_0", outcome="cancelled") == 1
+            assert (
+                registry.value("disagg_orchestrator_migrations_total", engine="generation_0", outcome="cancelled") == 1
+            )
         elif ending == "request_timeout":
             assert last.error is not None and "request timed out" in last.error.message
         else:
             assert last.error is not None and last.error.code is ErrorCode.UNAVAILABLE
-            assert "migration 1 of max_migrations=1 failed: generation phase timed out on engine 'generation_1'" in last.error.message
+            assert (
+                "migration 1 of max_migrations=1 failed: generation phase timed out on engine 'generation_1'"
+                in last.error.message
+            )
         assert sink.ids == expected[: len(sink.ids)] and len(sink.ids) >= 3
         await released(c)
 

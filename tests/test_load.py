@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import RequestType, parse_request
-from orchestrator.stub_engine.config import EngineConfig
-from orchestrator.stub_engine.core import EngineCore
-from orchestrator.wire.errors import ErrorCode, Overloaded, RequestError, is_overloaded
 from orchestrator.routing.health import BreakerState
-from orchestrator.telemetry.registry import MemoryRegistry
 from orchestrator.serving.pipeline import Orchestrator
 from orchestrator.serving.router import Phase, Router
+from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.core import EngineCore
+from orchestrator.telemetry.registry import MemoryRegistry
+from orchestrator.wire.contract import RequestType, parse_request
+from orchestrator.wire.errors import ErrorCode, Overloaded, RequestError, is_overloaded
 from tests import engine_harness as eh
 from tests.pipeline_harness import (
     FREE,
@@ -40,7 +40,9 @@ from tests.pipeline_harness import (
 ORCH_IDLE = {"in_flight_requests": 0, "child_requests": 0, "stops_pending": 0, "queued_responses": 0}
 
 
-def arrive(c: Cluster, rid: str, tensors: dict[str, np.ndarray]) -> tuple[asyncio.Task[None] | None, RecordingResponseSink]:
+def arrive(
+    c: Cluster, rid: str, tensors: dict[str, np.ndarray]
+) -> tuple[asyncio.Task[None] | None, RecordingResponseSink]:
     """A request as the orchestrator's model.py hands it over: started, or refused with its
     typed error on the client's sink (what the adapter does with any RequestError)."""
     sink = RecordingResponseSink(c.client)

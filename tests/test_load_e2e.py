@@ -34,7 +34,9 @@ STEP_MS = 25  # per decode step: an admitted request of ADMITTED_TOKENS lasts >=
 ADMITTED_TOKENS = 200
 LONG = 4000  # tokens: >= 100 s, so only a stop ends these
 AGG_QUEUE = 2  # aggregated_0's max_queued_requests
-OVERLOADED = re.compile(rf"UNAVAILABLE: overloaded: this orchestrator instance already serves {MAX_IN_FLIGHT} requests \(max_in_flight={MAX_IN_FLIGHT}\); retry later")
+OVERLOADED = re.compile(
+    rf"UNAVAILABLE: overloaded: this orchestrator instance already serves {MAX_IN_FLIGHT} requests \(max_in_flight={MAX_IN_FLIGHT}\); retry later"
+)
 RSS_GROWTH_MIB = 16.0  # orchestrator stub, after a flood of 800 vs after one of 200 (600 more refusals)
 NO_END = {"end_id": -1}  # no end token: every admitted request runs its whole max_tokens
 
@@ -102,7 +104,9 @@ def ended(events: list[Event]) -> int:
 
 
 def reference(prompt: str, max_tokens: int) -> str:
-    tensors = client_tensors(prompt, max_tokens, streaming=False, exclude=True, extra={"end_id": np.array([[-1]], dtype=np.int32)})
+    tensors = client_tensors(
+        prompt, max_tokens, streaming=False, exclude=True, extra={"end_id": np.array([[-1]], dtype=np.int32)}
+    )
     return completion_text(TOK, prompt_ids(tensors), asyncio.run(oracle(tensors)))
 
 
@@ -158,7 +162,9 @@ def flood_with_long_admitted(server: TritonServer, tag: str, flood: int) -> tupl
     stream = Stream(server.grpc_url)
     try:
         for i in range(flood):
-            stream.send("ensemble", ensemble_inputs(f"{PROMPTS['ascii']} {i}", LONG, stream=True, **NO_END), f"{tag}{i}")
+            stream.send(
+                "ensemble", ensemble_inputs(f"{PROMPTS['ascii']} {i}", LONG, stream=True, **NO_END), f"{tag}{i}"
+            )
 
         def settled(ev: list[Event]) -> bool:
             streaming = {e.request_id for e in ev if e.kind == "delta"}
@@ -214,7 +220,9 @@ def test_an_engine_refuses_past_max_queued_requests_and_serves_its_queue(server:
         refusals = [e.message for e in events if e.kind == "error"]
         assert len(refusals) == 2 and not any(e.kind == "final" for e in events), events
         for message in refusals:
-            assert message.startswith(f"UNAVAILABLE: overloaded: engine 'aggregated_0' has {AGG_QUEUE} requests waiting"), message
+            assert message.startswith(
+                f"UNAVAILABLE: overloaded: engine 'aggregated_0' has {AGG_QUEUE} requests waiting"
+            ), message
             assert f"max_queued_requests={AGG_QUEUE}" in message
         stream.send("aggregated_0", token_inputs(ids, 1, stop=True), "run")  # ends the running one
         events = stream.wait(lambda ev: ended(ev) >= 6, 60)  # 2 refusals, run + its stop's ack, q1, q2

@@ -61,7 +61,9 @@ def test_repeated_prefixes_raise_the_reuse_counters(server: TritonServer) -> Non
         list(generate(server.grpc_url, f"{PREFIX} question {i}?", 2, stream=False))
 
     def hits(scraped: list) -> float:
-        return total(scraped, "disagg_engine_prefix_hit_blocks_total") - total(before, "disagg_engine_prefix_hit_blocks_total")
+        return total(scraped, "disagg_engine_prefix_hit_blocks_total") - total(
+            before, "disagg_engine_prefix_hit_blocks_total"
+        )
 
     after = settle(server, lambda s: hits(s) > 0)
     assert hits(after) > 0

@@ -42,7 +42,10 @@ MIGRATIONS = "disagg_orchestrator_migrations_total"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo = tmp_path_factory.mktemp("migration_repository")
-    models = {m: ModelSpec(m) for m in ("ensemble", "preprocessing", "postprocessing", "orchestrator", "context_0", "context_1")}
+    models = {
+        m: ModelSpec(m)
+        for m in ("ensemble", "preprocessing", "postprocessing", "orchestrator", "context_0", "context_1")
+    }
     models.update({name: ModelSpec(name, params) for name, params in CRASHES.items()})
     models["orchestrator_nomig"] = ModelSpec("orchestrator", {"max_migrations": "0"})
     models["orchestrator_bls"] = ModelSpec("orchestrator", {"next_reply_timeout_s": "1"})
@@ -112,7 +115,9 @@ def test_non_streaming_requests_are_retried_from_the_start_and_stay_exact(server
         assert only.final and only.text.encode() == (completion if exclude else PROMPTS["cjk"] + completion).encode()
 
     def ended(s: list) -> float:  # a request's migrations are counted in the same flush as its end
-        return total(s, "disagg_requests_total", streaming="false") - total(before, "disagg_requests_total", streaming="false")
+        return total(s, "disagg_requests_total", streaming="false") - total(
+            before, "disagg_requests_total", streaming="false"
+        )
 
     after = settled(server, lambda s: ended(s) >= 2)
     assert ended(after) == 2 and total(after, MIGRATIONS) == total(before, MIGRATIONS)
@@ -135,7 +140,9 @@ def test_spent_budget_ends_unavailable_saying_a_migration_was_tried(server: Trit
 
 def test_max_migrations_zero_keeps_the_old_unavailable(server: TritonServer) -> None:
     deltas, error = stream(server, PROMPTS["ascii"], ONE_MIGRATION, model="ensemble_nomig")
-    assert "UNAVAILABLE" in error and error.endswith("crashed mid-stream (injected fault) (after tokens were streamed: not retried)")
+    assert "UNAVAILABLE" in error and error.endswith(
+        "crashed mid-stream (injected fault) (after tokens were streamed: not retried)"
+    )
     assert reference(PROMPTS["ascii"], ONE_MIGRATION).startswith("".join(deltas)) and deltas
     assert wait_released(server.metrics_url, 10) == {}
 

@@ -12,13 +12,12 @@ from typing import Iterator
 
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
-
-from scripts.client import generate
 import yaml
+from tritonclient.utils import InferenceServerException
 
 from orchestrator.ops.access import KV_SECRET_ENV
 from orchestrator.ops.deployment import parse
+from scripts.client import generate
 from scripts.deploy import deployment_secrets, on_free_ports, serve
 from scripts.launch import TritonServer
 
@@ -41,7 +40,9 @@ class ThreeServers:
         total = 0
         for model in models:
             stats = client.get_inference_statistics(model_name=model, as_json=True)
-            total += sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
+            total += sum(
+                int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"]
+            )
         return total
 
 
@@ -71,12 +72,18 @@ def test_each_server_holds_only_its_part(three: ThreeServers) -> None:
 
 def test_streams_through_three_servers_match_the_single_server(three: ThreeServers, server: TritonServer) -> None:
     """Concurrent streams through the frontend; each completion equals the one-server deployment's."""
-    before = (three.served(three.context, "context_0", "context_1"), three.served(three.generation, "generation_0", "generation_1"))
+    before = (
+        three.served(three.context, "context_0", "context_1"),
+        three.served(three.generation, "generation_0", "generation_1"),
+    )
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         remote = list(pool.map(lambda p: three.text(three.frontend, p), PROMPTS))
     local = [three.text(server, p) for p in PROMPTS]
     assert remote == local and all(remote)
-    after = (three.served(three.context, "context_0", "context_1"), three.served(three.generation, "generation_0", "generation_1"))
+    after = (
+        three.served(three.context, "context_0", "context_1"),
+        three.served(three.generation, "generation_0", "generation_1"),
+    )
     assert after[0] - before[0] == len(PROMPTS) and after[1] - before[1] == len(PROMPTS)
     routed = [line for line in three.frontend.log_text().splitlines() if "engine=grpc://127.0.0.1:" in line]
     assert len(routed) >= 2 * len(PROMPTS)

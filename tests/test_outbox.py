@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import EngineOutput, parse_request
-from orchestrator.text.detokenize import completion_text
-from orchestrator.stub_engine.sequence import join_outputs
-from orchestrator.wire.errors import RequestError
 from orchestrator.runtime.outbox import Outbox
+from orchestrator.stub_engine.sequence import join_outputs
+from orchestrator.text.detokenize import completion_text
+from orchestrator.wire.contract import EngineOutput, parse_request
+from orchestrator.wire.errors import RequestError
 from tests.pipeline_harness import PROMPTS, TOK, Response, client_tensors, cluster, oracle, prompt_ids
 
 
@@ -141,8 +141,12 @@ def test_a_stream_merged_by_a_busy_sender_renders_the_unmerged_text(prompt: str)
     """The whole stream queues behind a busy sender, then goes out merged: the same bytes as
     the non-streamed completion, counts that add up, exactly one final."""
     max_tokens = 12
-    tensors = client_tensors(PROMPTS[prompt], max_tokens, streaming=True, extra={"return_num_output_tokens": np.array([[True]])})
-    expected = completion_text(TOK, prompt_ids(tensors), asyncio.run(oracle(client_tensors(PROMPTS[prompt], max_tokens, streaming=False))))
+    tensors = client_tensors(
+        PROMPTS[prompt], max_tokens, streaming=True, extra={"return_num_output_tokens": np.array([[True]])}
+    )
+    expected = completion_text(
+        TOK, prompt_ids(tensors), asyncio.run(oracle(client_tensors(PROMPTS[prompt], max_tokens, streaming=False)))
+    )
 
     async def main() -> list[Response]:
         c = cluster()
@@ -177,8 +181,8 @@ def test_a_finished_request_is_freed_without_waiting_for_the_garbage_collector(o
     import gc
     import weakref
 
-    from orchestrator.text.detokenize import DetokWindow
     from orchestrator.serving.progress import Progress
+    from orchestrator.text.detokenize import DetokWindow
 
     tensors = client_tensors(PROMPTS["ascii"], 4, streaming=True)
     request = parse_request(tensors, {}, "freed")

@@ -7,16 +7,16 @@ no-leak check after each one (no orchestrator task, every block and lease back).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from orchestrator.wire.contract import parse_request
-from orchestrator.text.detokenize import completion_text
 from orchestrator.clients.engine_client import EngineReply
+from orchestrator.text.detokenize import completion_text
+from orchestrator.wire.contract import parse_request
 from orchestrator.wire.errors import ErrorCode
 from tests.pipeline_harness import (
     CONTEXT,
@@ -292,7 +292,7 @@ def test_context_stream_without_reply_fails_unavailable() -> None:
     class Silent:
         async def stream(
             self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-        ) -> AsyncIterator[EngineReply]:
+        ) -> AsyncGenerator[EngineReply, None]:
             return
             yield EngineReply()  # pragma: no cover - makes this an async generator
 

@@ -47,7 +47,11 @@ def test_pareto_keeps_only_points_nobody_beats_on_both_axes() -> None:
         return RatePoint(1, 1, 1, 0.0, 0.0, engine, user, "context")
 
     points = [point(100, 500), point(60, 900), point(80, 400), point(60, 700), point(120, 300)]
-    assert [(p.tokens_per_s_per_user, p.tokens_per_s_per_engine) for p in pareto(points)] == [(60, 900), (100, 500), (120, 300)]
+    assert [(p.tokens_per_s_per_user, p.tokens_per_s_per_engine) for p in pareto(points)] == [
+        (60, 900),
+        (100, 500),
+        (120, 300),
+    ]
 
 
 def test_bad_shapes_are_refused() -> None:

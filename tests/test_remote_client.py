@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 
-from orchestrator.wire.contract import EngineOutput
-from orchestrator.clients.engine_client import EngineReply
-from orchestrator.wire.errors import ErrorCode
 from orchestrator.clients.endpoints import RemoteEndpoint
+from orchestrator.clients.engine_client import EngineReply
 from orchestrator.clients.remote import GrpcEngineClient
+from orchestrator.wire.contract import EngineOutput
+from orchestrator.wire.errors import ErrorCode
 from scripts.launch import TritonServer, free_port
 
 T = TypeVar("T")
@@ -270,7 +270,7 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 
 # Sends `n` replies and then a separate flags-only final (which Triton's gRPC frontend drops
 # unless the request asks for empty final responses); with parameter `error`, one error.
-PROBE_MODEL = '''
+PROBE_MODEL = """
 import json
 
 import numpy as np
@@ -297,7 +297,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse([params_out, pb_utils.Tensor("data", data.as_numpy())]))
             sender.send(flags=FINAL)
         return None
-'''
+"""
 
 
 @pytest.fixture(scope="module")

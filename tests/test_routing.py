@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.serving.config import OrchestratorConfig, Pools
 from orchestrator.clients.endpoints import parse_endpoint
+from orchestrator.routing.health import BreakerSettings, BreakerState, CircuitBreaker
+from orchestrator.routing.policies import POLICIES, Candidate, PolicyOptions, RouteRequest, make_policy
+from orchestrator.routing.prefix_index import PrefixIndex
+from orchestrator.serving.config import OrchestratorConfig, Pools
+from orchestrator.serving.router import Phase, Router
 from orchestrator.wire.block_hash import block_hashes
 from orchestrator.wire.errors import EngineUnavailable
-from orchestrator.routing.health import BreakerSettings, BreakerState, CircuitBreaker
-from orchestrator.routing.prefix_index import PrefixIndex
-from orchestrator.serving.router import Phase, Router
-from orchestrator.routing.policies import POLICIES, Candidate, PolicyOptions, RouteRequest, make_policy
 
 REQ = RouteRequest("r", prompt_tokens=320, prompt_blocks=10, tokens_per_block=32)
 
@@ -62,7 +62,12 @@ def test_kv_aware_prefers_cached_prefix_until_load_outweighs_it() -> None:
 
 
 def test_power_of_two_is_exact_under_a_seed() -> None:
-    cands = [Candidate("a", in_flight=5), Candidate("b", in_flight=0), Candidate("c", in_flight=2), Candidate("d", in_flight=9)]
+    cands = [
+        Candidate("a", in_flight=5),
+        Candidate("b", in_flight=0),
+        Candidate("c", in_flight=2),
+        Candidate("d", in_flight=9),
+    ]
     first = picks("power_of_two", cands, 20, seed=7)
     assert first == picks("power_of_two", cands, 20, seed=7)
     assert "d" not in first  # d loses every pair it is drawn into
@@ -248,11 +253,20 @@ def test_endpoints_parse_local_and_remote() -> None:
         ({"context_engines": "c", "generation_engines": "g", "context_policy": "best"}, "context_policy"),
         ({"context_engines": "c", "generation_engines": "g", "kv_weight": "heavy"}, "'kv_weight' must be a float"),
         ({"context_engines": "c", "generation_engines": "g", "max_retries": "-1"}, "'max_retries' must be >= 0"),
-        ({"context_engines": "c", "generation_engines": "g", "max_migrations": "-1"}, "'max_migrations' must be >= 0, got -1"),
-        ({"context_engines": "c", "generation_engines": "g", "max_migrations": "once"}, "'max_migrations' must be a int, got 'once'"),
+        (
+            {"context_engines": "c", "generation_engines": "g", "max_migrations": "-1"},
+            "'max_migrations' must be >= 0, got -1",
+        ),
+        (
+            {"context_engines": "c", "generation_engines": "g", "max_migrations": "once"},
+            "'max_migrations' must be a int, got 'once'",
+        ),
         ({"context_engines": "c", "generation_engines": "g", "load_metric": "gpu"}, "load_metric"),
         ({"context_engines": "c", "generation_engines": "g", "engine_timeout_s": "0"}, "engine_timeout_s"),
-        ({"context_engines": "c", "generation_engines": "g", "next_reply_timeout_s": "-1"}, "'next_reply_timeout_s' must be >= 0"),
+        (
+            {"context_engines": "c", "generation_engines": "g", "next_reply_timeout_s": "-1"},
+            "'next_reply_timeout_s' must be >= 0",
+        ),
         ({"context_engines": "c", "generation_engines": "g", "tokens_per_block": "0"}, "tokens_per_block"),
         ({"context_engines": "c", "generation_engines": "g", "log_routing": "maybe"}, "log_routing"),
         ({"pool_file": "missing.json"}, "pool_file .*missing.json: cannot read"),
@@ -265,7 +279,9 @@ def test_config_errors_name_the_key(params: dict[str, str], message: str, tmp_pa
 
 def test_max_migrations_defaults_to_one_and_zero_turns_migration_off() -> None:
     assert OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g"}).max_migrations == 1
-    config = OrchestratorConfig.from_parameters({"context_engines": "c", "generation_engines": "g", "max_migrations": "0"})
+    config = OrchestratorConfig.from_parameters(
+        {"context_engines": "c", "generation_engines": "g", "max_migrations": "0"}
+    )
     assert config.max_migrations == 0
 
 
@@ -277,7 +293,9 @@ def test_the_wait_for_a_next_reply_is_the_shorter_bound_and_zero_means_engine_ti
 
 
 def test_config_reads_pools_from_a_pool_file(tmp_path: Path) -> None:
-    (tmp_path / "pools.json").write_text(json.dumps({"context_engines": ["c0", "grpc://h:1/c1"], "generation_engines": ["g0"]}))
+    (tmp_path / "pools.json").write_text(
+        json.dumps({"context_engines": ["c0", "grpc://h:1/c1"], "generation_engines": ["g0"]})
+    )
     config = OrchestratorConfig.from_parameters({"pool_file": "pools.json", "context_policy": "kv_aware"}, tmp_path)
     assert config.context_engines == ("c0", "grpc://h:1/c1") and config.generation_engines == ("g0",)
     assert config.pool_file == str(tmp_path / "pools.json") and config.context_policy == "kv_aware"

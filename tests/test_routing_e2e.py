@@ -44,7 +44,7 @@ class Deployment:
         """Requests the model finished, by Triton's statistics (0 when it is not loaded)."""
         try:
             stats = self.admin.get_inference_statistics(model_name=model, as_json=True)
-        except Exception:  # noqa: BLE001 - an unloaded model has no statistics
+        except Exception:
             return 0
         return sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
 
@@ -80,7 +80,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     models["orchestrator"] = ModelSpec("orchestrator", ORCHESTRATOR)
     derive(repo, models)
     (repo / "orchestrator" / "pools.json").write_text(
-        json.dumps({"context_engines": ["context_0", "context_1"], "generation_engines": ["generation_0", "generation_1"]})
+        json.dumps(
+            {"context_engines": ["context_0", "context_1"], "generation_engines": ["generation_0", "generation_1"]}
+        )
     )
     with TritonServer(model_repository=repo, extra_args=["--model-control-mode=explicit", "--load-model=*"]) as server:
         yield Deployment(server, repo)
@@ -110,11 +112,15 @@ def test_short_prompt_skips_the_context_hop(deployment: Deployment) -> None:
 
 
 def test_each_finished_request_logs_one_line_with_its_engines_and_times(deployment: Deployment) -> None:
-    deltas = list(generate(deployment.server.grpc_url, PREFIX + "Which section?", 5, stream=True, request_id="logged-7"))
+    deltas = list(
+        generate(deployment.server.grpc_url, PREFIX + "Which section?", 5, stream=True, request_id="logged-7")
+    )
     assert deltas[-1].final
     until(lambda: bool(deployment.log_lines("request id=logged-7 ")), lambda: time.sleep(0.05), timeout_s=10)
     (line,) = deployment.log_lines("request id=logged-7 ")
-    fields = dict(part.split("=", 1) for part in line.rstrip().rstrip("\"").split("request ", 1)[1].split())  # Triton quotes it
+    fields = dict(
+        part.split("=", 1) for part in line.rstrip().rstrip('"').split("request ", 1)[1].split()
+    )  # Triton quotes it
     assert fields["outcome"] == "ok" and fields["streaming"] == "true" and fields["output_tokens"] == "5"
     assert fields["generation"].startswith("generation_") and float(fields["e2e_ms"]) >= float(fields["ttft_ms"])
 

@@ -132,7 +132,9 @@ def ensemble_requests(draw: st.DrawFn) -> tuple[dict[str, np.ndarray], str]:
     tensors = text_request(prompt, draw(_SMALL))
     for name in draw(st.lists(st.sampled_from(sorted(_FIELDS)), max_size=6, unique=True)):
         value = draw(_FIELDS[name])
-        tensors[name] = np.array([[value]], dtype=np.int32) if name == "max_tokens" else text_request("", 1, **{name: value})[name]
+        tensors[name] = (
+            np.array([[value]], dtype=np.int32) if name == "max_tokens" else text_request("", 1, **{name: value})[name]
+        )
     if draw(st.booleans()):
         tensors["seed"] = np.array([[draw(st.integers(0, 2**64 - 1))]], dtype=np.uint64)
     mangle = draw(st.sampled_from(["none"] * 6 + ["dtype", "shape"]))
@@ -150,7 +152,9 @@ def test_fuzzed_ensemble_inputs_get_an_answer_or_a_typed_error(server: TritonSer
     outcome = call(server, "ensemble", tensors, rid)
     if outcome.error is None:
         final = outcome.responses[-1].get_response().parameters["triton_final_response"].bool_param
-        assert final and all(r.as_numpy("text_output") is not None for r in outcome.responses if r.get_response().outputs)
+        assert final and all(
+            r.as_numpy("text_output") is not None for r in outcome.responses if r.get_response().outputs
+        )
         assert mangle == "none"
     else:
         assert_typed(outcome, allow_triton=mangle != "none")
@@ -181,18 +185,28 @@ def genuine_blob(server: TritonServer) -> Iterator[bytes]:
 
 @FUZZ
 @given(data=st.data())
-def test_fuzzed_context_phase_params_are_invalid_arg(server: TritonServer, genuine_blob: bytes, data: st.DataObject) -> None:
+def test_fuzzed_context_phase_params_are_invalid_arg(
+    server: TritonServer, genuine_blob: bytes, data: st.DataObject
+) -> None:
     """Straight to a generation engine: any change to a genuine handoff, or random bytes, is
     INVALID_ARG (never a connection, never a pull: the lease of the genuine blob stays)."""
     blob = data.draw(mutated_blobs(genuine_blob))
-    outcome = call(server, "generation_1", token_request(context_phase_params=as_tensor(blob) if blob else np.zeros((1, 0), np.uint8)), "", GEN)
+    outcome = call(
+        server,
+        "generation_1",
+        token_request(context_phase_params=as_tensor(blob) if blob else np.zeros((1, 0), np.uint8)),
+        "",
+        GEN,
+    )
     message = assert_typed(outcome)
     assert message.startswith("INVALID_ARG: ") and "context_phase_params" in message, message
 
 
 @FUZZ
 @given(frame=st.one_of(st.binary(max_size=120), st.binary(max_size=100).map(lambda b: b"KVP2" + b)))
-def test_fuzzed_transfer_frames_are_refused_without_harm(server: TritonServer, genuine_blob: bytes, frame: bytes) -> None:
+def test_fuzzed_transfer_frames_are_refused_without_harm(
+    server: TritonServer, genuine_blob: bytes, frame: bytes
+) -> None:
     """Random pull frames to a real context engine's transfer server: it answers an error or
     closes, never serves (no frame carries a valid MAC), and stays up."""
     handoff = Handoff.decode(genuine_blob, keys_of(server))

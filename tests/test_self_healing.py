@@ -79,7 +79,7 @@ def launched(tmp_path: Path) -> Iterator[Launched]:
     log = tmp_path / "launch.log"
     key_file = tmp_path / "admin-key"  # not the checkout's .triton/admin-key
     http, grpc, metrics = free_port(), free_port(), free_port()
-    out = open(log, "wb")  # noqa: SIM115 - closed below
+    out = open(log, "wb")
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "scripts" / "launch.py"), "--http-port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics), "--admin-key-file", str(key_file)],
@@ -157,7 +157,10 @@ class Load:
         body = {"text_input": prompt, "max_tokens": max_tokens, "stream": True}
         try:
             with requests.post(
-                f"http://{self.server.http}/v2/models/ensemble/generate_stream", json=body, stream=True, timeout=(5, READ_TIMEOUT_S)
+                f"http://{self.server.http}/v2/models/ensemble/generate_stream",
+                json=body,
+                stream=True,
+                timeout=(5, READ_TIMEOUT_S),
             ) as resp:
                 result.status = resp.status_code
                 if resp.status_code != 200:
@@ -220,7 +223,9 @@ def _report(name: str, killed_at: float, transitions: list[tuple[float, bool]], 
     steps = ", ".join(f"{'ready' if ok else 'not ready'} at +{t - killed_at:.2f}s" for t, ok in transitions[1:])
     first_bad = min((r.ended for r in after if not r.timed_out), default=killed_at)
     last_bad = max((r.ended for r in after if not r.timed_out), default=killed_at)
-    print(f"\n{name}: {steps}; non-200 answers from +{first_bad - killed_at:.2f}s to +{last_bad - killed_at:.2f}s: {codes}")
+    print(
+        f"\n{name}: {steps}; non-200 answers from +{first_bad - killed_at:.2f}s to +{last_bad - killed_at:.2f}s: {codes}"
+    )
 
 
 def _engine_successes(server: Launched, model: str) -> int:
@@ -238,9 +243,10 @@ def test_a_killed_engine_stub_heals_and_rejoins_its_pool(launched: Launched) -> 
     # The orchestrator fails over what was on the dead engine at once: nothing hangs, and a
     # client sees tokens or, where tokens had already streamed, one UNAVAILABLE.
     assert not [r for r in load.results if r.timed_out]
-    assert all(r.status == 200 and (r.text and not r.error or r.error.startswith("in ensemble") and "UNAVAILABLE" in r.error) for r in after), [
-        r for r in after if r.error
-    ]
+    assert all(
+        r.status == 200 and (r.text and not r.error or r.error.startswith("in ensemble") and "UNAVAILABLE" in r.error)
+        for r in after
+    ), [r for r in after if r.error]
     # Back in its pool: the reloaded generation_0 serves requests again.
     before = _engine_successes(launched, "generation_0")
     probe = Load(launched, clients=0)
@@ -268,7 +274,12 @@ def test_a_killed_orchestrator_stub_restarts_the_server_and_strands_nothing(laun
     # the new server keeps the admin key: the one the launcher wrote still opens its repository API
     index = f"http://{launched.http}/v2/repository/index"
     assert requests.post(index, json={}, timeout=10).status_code == 403
-    assert requests.post(index, json={}, headers={"admin-key": launched.key_file.read_text().strip()}, timeout=10).status_code == 200
+    assert (
+        requests.post(
+            index, json={}, headers={"admin-key": launched.key_file.read_text().strip()}, timeout=10
+        ).status_code
+        == 200
+    )
     after = [r for r in load.results if r.ended > killed_at]
     bad = [r for r in after if not _acceptable_after_death(r)]
     assert not bad, bad

@@ -140,9 +140,18 @@ def test_perf_outputs_on_every_streamed_response(server: TritonServer) -> None:
             continue
         t = {k: int(d.outputs[k].reshape(-1)[0]) for k in
              ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")}  # fmt: skip
-        assert 0 < t["arrival_time_ns"] <= t["first_scheduled_time_ns"] <= t["first_token_time_ns"] <= t["last_token_time_ns"]
+        assert (
+            0
+            < t["arrival_time_ns"]
+            <= t["first_scheduled_time_ns"]
+            <= t["first_token_time_ns"]
+            <= t["last_token_time_ns"]
+        )
     last = deltas[-1].outputs
-    kv = {k: int(last[k].reshape(-1)[0]) for k in ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")}
+    kv = {
+        k: int(last[k].reshape(-1)[0])
+        for k in ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")
+    }
     # The prompt's blocks on the context engine plus prompt + output on the generation engine.
     assert kv["kv_cache_alloc_total_blocks"] >= 2
     assert kv["kv_cache_alloc_new_blocks"] + kv["kv_cache_reused_blocks"] == kv["kv_cache_alloc_total_blocks"]
@@ -156,7 +165,7 @@ def test_32_concurrent_streams_interleave_and_each_gets_its_own_output(server: T
     def run(i: int) -> None:
         try:
             results[i] = stream_text(server, prompts[i], 16)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
@@ -171,7 +180,9 @@ def test_32_concurrent_streams_interleave_and_each_gets_its_own_output(server: T
     # earlier-started request's last token (a serial orchestrator never interleaves).
     firsts = [s[0].received_ns for s in streams]
     lasts = [s[-1].received_ns for s in streams]
-    overlapping = sum(1 for i in range(32) for j in range(32) if i != j and firsts[j] < lasts[i] and firsts[i] < firsts[j])
+    overlapping = sum(
+        1 for i in range(32) for j in range(32) if i != j and firsts[j] < lasts[i] and firsts[i] < firsts[j]
+    )
     assert overlapping >= 31
 
 
@@ -204,7 +215,9 @@ def test_streaming_bad_input_ends_the_stream_with_the_error(server: TritonServer
 
 
 # -- engines keep the tensorrt_llm contract -----------------------------------------
-def engine_call(server: TritonServer, model: str, ids: list[int], params: dict[str, str], rid: str = "", **tensors: np.ndarray) -> list:
+def engine_call(
+    server: TritonServer, model: str, ids: list[int], params: dict[str, str], rid: str = "", **tensors: np.ndarray
+) -> list:
     values = {
         "input_ids": np.array([ids], dtype=np.int32),
         "input_lengths": np.array([[len(ids)]], dtype=np.int32),
@@ -259,7 +272,9 @@ def test_client_script_streams_the_completion(server: TritonServer) -> None:
 def test_orchestrator_serves_token_level_clients_directly(server: TritonServer) -> None:
     ids = [259, 35, 102, 295, 35, 118, 295, 284, 260, 35, 112, 295]
     results = engine_call(server, "orchestrator", ids, {}, streaming=np.array([[True]]))
-    tokens = [int(t) for r in results if r.as_numpy("output_ids") is not None for t in r.as_numpy("output_ids").reshape(-1)]
+    tokens = [
+        int(t) for r in results if r.as_numpy("output_ids") is not None for t in r.as_numpy("output_ids").reshape(-1)
+    ]
     assert len(tokens) == 6  # request_output_len in engine_call
     whole = engine_call(server, "orchestrator", ids, {}, exclude_input_in_output=np.array([[True]]))
     assert [int(t) for t in whole[0].as_numpy("output_ids").reshape(-1)] == tokens
@@ -275,10 +290,14 @@ def test_ensemble_output_equals_the_aggregated_engine(server: TritonServer) -> N
         ids = tokenizer.encode(prompt)
         max_tokens = np.array([[24]], dtype=np.int32)
         exclude = np.array([[True]])
-        agg = engine_call(server, "aggregated_0", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude)
+        agg = engine_call(
+            server, "aggregated_0", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude
+        )
         expected = [int(t) for t in agg[0].as_numpy("output_ids").reshape(-1)]
         assert len(expected) == 24
-        orch = engine_call(server, "orchestrator", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude)
+        orch = engine_call(
+            server, "orchestrator", ids, {}, request_output_len=max_tokens, exclude_input_in_output=exclude
+        )
         assert [int(t) for t in orch[0].as_numpy("output_ids").reshape(-1)] == expected, prompt
         text = single_text(server, prompt, 24, exclude_input_in_output=True)
         assert text == completion_text(tokenizer, ids, expected), prompt

@@ -34,6 +34,7 @@ def test_a_forwarded_stop_reaches_every_sibling_and_not_the_sender() -> None:
                 got[name].append(request_id)
                 if all(got[n] for n in ("orchestrator_0_1", "orchestrator_0_2")):
                     arrived.set()
+
             return on_stop
 
         nodes = [SiblingStops(Instances.of(args(name), server_pid=pid), receiver(name)) for name in got]

@@ -27,7 +27,9 @@ def test_soak_of_1000_requests_with_stops_and_faults_keeps_every_promise() -> No
     assert report.outcomes.get("stopped", 0) >= 10, f"too few requests were cut short by a stop: {report.outcomes}"
     # generation_0's crashes after streamed tokens are migrated: they end ok (their text is
     # checked against the other completions of the same inputs), counted by the orchestrator
-    assert report.migrations is not None and report.migrations.get("ok", 0) >= 3, f"too few migrations: {report.migrations}"
+    assert report.migrations is not None and report.migrations.get("ok", 0) >= 3, (
+        f"too few migrations: {report.migrations}"
+    )
     assert report.outcomes.get("ok", 0) >= 800, report.outcomes
     assert report.leak_wait_s.keys() == {"warmup", "end"} and report.rss_growth_mib is not None
 
@@ -46,7 +48,13 @@ def test_outcome_checks_flag_hangs_bad_errors_extra_responses_and_divergent_text
         _outcome("a", "ok", "the dog"),
         _outcome("b", "ok", "the dog", stream=False),
         _outcome("c", "hung", ""),
-        _outcome("d", "error", "", message="in ensemble 'ensemble', INTERNAL: Traceback (most recent call last)", code="INTERNAL"),
+        _outcome(
+            "d",
+            "error",
+            "",
+            message="in ensemble 'ensemble', INTERNAL: Traceback (most recent call last)",
+            code="INTERNAL",
+        ),
         _outcome("e", "ok", "the dog", problems=("after its final: a response for 'e'",)),
         _outcome("f", "ok", "the cow"),
         _outcome("g", "ok", "the", stop="before_final"),  # a stop cut it: a prefix is fine
@@ -89,7 +97,7 @@ def metrics_endpoint() -> Iterator[tuple[str, list[str]]]:
     body = [""]
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             data = body[0].encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -108,7 +116,9 @@ def metrics_endpoint() -> Iterator[tuple[str, list[str]]]:
 
 
 def _page(values: dict[str, float]) -> str:
-    return "".join(f"{key.split('{')[0]}{{model=\"{key.split('{')[1][:-1]}\"}} {value}\n" for key, value in values.items())
+    return "".join(
+        f'{key.split("{")[0]}{{model="{key.split("{")[1][:-1]}"}} {value}\n' for key, value in values.items()
+    )
 
 
 def test_leak_check_reports_a_gauge_that_stays_non_zero_and_one_that_is_missing(

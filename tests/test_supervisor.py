@@ -22,7 +22,14 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.ops.supervisor import RepositoryApi, RestartServer, StubWatch, Supervisor, find_stubs, sibling_stub_deaths
+from orchestrator.ops.supervisor import (
+    RepositoryApi,
+    RestartServer,
+    StubWatch,
+    Supervisor,
+    find_stubs,
+    sibling_stub_deaths,
+)
 
 # Starts one sleeping child per model named on stdin ("start m"), prints its pid; "reap PID"
 # stops and reaps one (what Triton does on unload); "exit" ends it.
@@ -85,7 +92,7 @@ def server(tmp_path: Path) -> Iterator[FakeServer]:
         srv.close()
 
 
-def _until(condition, what: str):  # noqa: ANN001, ANN202 - a small polling helper
+def _until(condition, what: str):
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         value = condition()
@@ -140,7 +147,7 @@ class _Repository(BaseHTTPRequestHandler):
     states: dict[str, str] = {}
     key: str | None = None  # set: refuse calls without header admin-key = key, as Triton does
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.key is not None and self.headers.get("admin-key") != self.key:
             body = b'{"error":"This API is restricted, expecting header \'admin-key\'"}'
@@ -199,7 +206,9 @@ def test_a_dead_model_is_unloaded_then_loaded(server: FakeServer, repository: ty
     watch.close()
 
 
-def test_a_dead_stub_that_strands_clients_asks_for_a_new_server(server: FakeServer, repository: type[_Repository]) -> None:
+def test_a_dead_stub_that_strands_clients_asks_for_a_new_server(
+    server: FakeServer, repository: type[_Repository]
+) -> None:
     """The orchestrator's requests come from clients, and Triton never ends them: no reload
     can help them, so the supervisor asks for a new server and touches nothing itself."""
     repository.states.update({"orchestrator": "READY", "generation_0": "READY"})
@@ -220,10 +229,17 @@ def test_the_repository_api_sends_the_admin_key(repository: type[_Repository]) -
     anything, and says why."""
     repository.key = "k" * 24
     repository.states.update({"generation_0": "READY"})
-    with pytest.raises(RuntimeError, match=r"/v2/repository/index: HTTP 403: .*expecting header 'admin-key'.*give RepositoryApi the admin key"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"/v2/repository/index: HTTP 403: .*expecting header 'admin-key'.*give RepositoryApi the admin key",
+    ):
         RepositoryApi(repository.url).states()  # type: ignore[attr-defined]
     api = RepositoryApi(repository.url, headers={"admin-key": repository.key})  # type: ignore[attr-defined]
     assert api.states() == {"generation_0": "READY"}
     api.unload("generation_0")
     api.load("generation_0")
-    assert repository.calls == ["/v2/repository/index", "/v2/repository/models/generation_0/unload", "/v2/repository/models/generation_0/load"]
+    assert repository.calls == [
+        "/v2/repository/index",
+        "/v2/repository/models/generation_0/unload",
+        "/v2/repository/models/generation_0/load",
+    ]

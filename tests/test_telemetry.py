@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.wire.contract import parse_request
 from orchestrator.stub_engine.config import EngineConfig
-from orchestrator.telemetry.registry import MemoryRegistry, TritonRegistry, MetricSpec
 from orchestrator.telemetry.recorder import RateLimitedLog, RequestRecord, Telemetry
+from orchestrator.telemetry.registry import MemoryRegistry, MetricSpec, TritonRegistry
+from orchestrator.wire.contract import parse_request
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, run
 
 
@@ -140,7 +140,7 @@ class _FakeFamily:
         self.metrics: list[_FakeMetric] = []
         _FakeFamily.made.append((name, kind))
 
-    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> "_FakeMetric":  # noqa: N802
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> "_FakeMetric":
         metric = _FakeMetric(labels, buckets)
         self.metrics.append(metric)
         return metric

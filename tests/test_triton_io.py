@@ -51,7 +51,9 @@ class _Sender:
         self.sent.append(([t.name for t in response.output_tensors], flags, refs))
 
 
-TENSORS = {name: np.zeros((1, 1), np.int32) for name in ("output_ids", "sequence_length", "detok_window", "num_output_tokens")}
+TENSORS = {
+    name: np.zeros((1, 1), np.int32) for name in ("output_ids", "sequence_length", "detok_window", "num_output_tokens")
+}
 
 
 def test_a_sink_sends_only_what_its_request_asked_for() -> None:

@@ -27,7 +27,9 @@ asyncio.run(main(sys.argv[2] == "stop"))
 
 
 def _run(mode: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _PROGRAM, str(REPO_ROOT), mode], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-c", _PROGRAM, str(REPO_ROOT), mode], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_a_stuck_loop_ends_its_process_with_every_threads_stack() -> None:

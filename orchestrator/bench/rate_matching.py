@@ -102,7 +102,16 @@ def best_ratios(
             for g in (total - c,)
         ]
         if candidates:
-            best.append(max(candidates, key=lambda p: (round(p.tokens_per_s_per_engine, 9), -(p.context_engines + p.generation_engines), p.context_engines)))
+            best.append(
+                max(
+                    candidates,
+                    key=lambda p: (
+                        round(p.tokens_per_s_per_engine, 9),
+                        -(p.context_engines + p.generation_engines),
+                        p.context_engines,
+                    ),
+                )
+            )
     return best
 
 

@@ -27,14 +27,14 @@ import asyncio
 import json
 import threading
 from collections import deque
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncGenerator, Mapping
 
 import numpy as np
 
-from orchestrator.wire.contract import coalesce
 from orchestrator.clients.engine_client import EngineReply
-from orchestrator.wire.errors import ErrorCode, RequestError
 from orchestrator.runtime.stub_fence import StubFence
+from orchestrator.wire.contract import coalesce
+from orchestrator.wire.errors import ErrorCode, RequestError
 
 _END = object()
 
@@ -86,7 +86,7 @@ class BlsEngineClient:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         pb = self.pb
         request = pb.InferenceRequest(
             model_name=engine,
@@ -111,7 +111,9 @@ class BlsEngineClient:
             if not finished and cancel is not None:
                 cancel()  # real child cancellation, where this Triton has it
 
-    def _read(self, request: Any, loop: asyncio.AbstractEventLoop, queue: "asyncio.Queue[Any]", started: list[Any]) -> None:
+    def _read(
+        self, request: Any, loop: asyncio.AbstractEventLoop, queue: "asyncio.Queue[Any]", started: list[Any]
+    ) -> None:
         """On the stream's own thread: send the child request, then hand every response to the loop."""
 
         def put(item: Any) -> None:
@@ -122,7 +124,7 @@ class BlsEngineClient:
 
         try:
             responses = request.exec(decoupled=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. the engine model is not loaded
+        except Exception as exc:
             put(_Refused(exc))
             put(_END)
             return
@@ -130,14 +132,14 @@ class BlsEngineClient:
         try:
             for response in responses:
                 put(response)
-        except Exception as exc:  # noqa: BLE001 - reported on the loop as an engine error
+        except Exception as exc:
             put(exc)
         finally:
             self.fence.retire(responses)  # its cleanup is queued: the stub lets go of it later
             del responses
             put(_END)
 
-    async def _replies(self, engine: str, queue: "asyncio.Queue[Any]") -> AsyncIterator[EngineReply]:
+    async def _replies(self, engine: str, queue: "asyncio.Queue[Any]") -> AsyncGenerator[EngineReply, None]:
         pending: deque[Any] = deque()  # taken from the queue while coalescing, not yet handled
         while True:
             item = pending.popleft() if pending else await queue.get()

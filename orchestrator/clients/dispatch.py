@@ -19,17 +19,17 @@ response each, keep using BLS, which is cheaper for the large prompt tensors.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncGenerator, Callable, Mapping
 
 import numpy as np
 
-from orchestrator.wire.contract import RequestType, flag, is_stop_request
 from orchestrator.clients.endpoints import parse_endpoint
 from orchestrator.clients.engine_client import EngineClient, EngineReply
+from orchestrator.wire.contract import RequestType, flag, is_stop_request
 
 
 def grpc_client(requested_outputs: tuple[str, ...] = ()) -> EngineClient:
-    from orchestrator.clients.remote import GrpcEngineClient  # noqa: PLC0415 - optional dependency
+    from orchestrator.clients.remote import GrpcEngineClient
 
     return GrpcEngineClient(requested_outputs)
 
@@ -60,7 +60,7 @@ class EndpointClient:
 
     def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         if parse_endpoint(engine).remote:
             return self._remote_client().stream(engine, tensors, parameters, request_id)
         if self.loopback and not answers_once(tensors, parameters):

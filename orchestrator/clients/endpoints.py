@@ -78,5 +78,7 @@ def parse_endpoint(text: str) -> Endpoint:
         remote = RemoteEndpoint.parse(text)
         return Endpoint(name=text, model=remote.model, remote_endpoint=remote)
     if not _MODEL.match(text):
-        raise ValueError(f"engine {text!r} is not a model name (letters, digits, '_', '-', '.') nor grpc://HOST:PORT/MODEL")
+        raise ValueError(
+            f"engine {text!r} is not a model name (letters, digits, '_', '-', '.') nor grpc://HOST:PORT/MODEL"
+        )
     return Endpoint(name=text, model=text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Protocol
+from typing import Any, AsyncGenerator, Mapping, Protocol
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class EngineReply:
 class EngineClient(Protocol):
     def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         """One child request; closing the iterator early abandons (and where possible cancels) it."""
         ...
 
@@ -52,7 +52,7 @@ class InProcessEngineClient:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         core = self.engines.get(engine)
         if core is None:
             yield EngineReply(error=RequestError(f"engine '{engine}' is not loaded", ErrorCode.UNAVAILABLE))

@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncGenerator, Mapping
 
 import grpc
 import numpy as np
@@ -153,11 +153,11 @@ class GrpcEngineClient:
 
     async def stream(
         self, engine: str, tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[EngineReply]:
+    ) -> AsyncGenerator[EngineReply, None]:
         try:
             endpoint = RemoteEndpoint.parse(engine)
             request = self._request(endpoint, tensors, parameters, request_id)
-        except Exception as exc:  # noqa: BLE001 - a caller bug, reported as one reply
+        except Exception as exc:
             error = RequestError(f"cannot send a request to engine '{engine}': {exc}", ErrorCode.INTERNAL)
             yield EngineReply(error=error)
             return
@@ -196,7 +196,7 @@ class GrpcEngineClient:
             # grpc.aio raises CancelledError from read() when the call itself was cancelled
             # underneath us (close() while streaming), not our task: a failure like any other.
             yield _unavailable(endpoint, "the call was cancelled locally (client closed)")
-        except Exception as exc:  # noqa: BLE001 - e.g. an undecodable reply: never raise
+        except Exception as exc:
             yield _unavailable(endpoint, f"{type(exc).__name__}: {exc}")
         finally:
             # The consumer went away (aclose, task cancelled), the stream failed, or an error
@@ -216,6 +216,6 @@ class GrpcEngineClient:
             ready = await asyncio.wait_for(
                 client.is_model_ready(endpoint.model, client_timeout=self.ready_timeout_s), self.ready_timeout_s
             )
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
+        except Exception:
             return False
         return bool(ready)

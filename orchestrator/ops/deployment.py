@@ -25,10 +25,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.ops.deployment_schema import DeploymentError, Section, fail
-from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.routing.policies import POLICIES, POLICY_KNOBS
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.stub_engine.config import EngineConfig
 
 ENGINE_KINDS = ("stub", "tensorrtllm")
 ROLES = ("context", "generation")
@@ -212,11 +212,12 @@ def parse(data: Any) -> Deployment:
     queue_threshold = routing_section.integer("context_queue_threshold", 0)
     pools_section = top.section("pools")
     if not pools_section.has("generation"):
-        raise fail("pools.generation", "is required: the engines that generate tokens (and, without a context pool, prefill too)")
+        raise fail(
+            "pools.generation",
+            "is required: the engines that generate tokens (and, without a context pool, prefill too)",
+        )
     pools = tuple(
-        _pool(pools_section.section(role), role, server_names, streaming)
-        for role in ROLES
-        if pools_section.has(role)
+        _pool(pools_section.section(role), role, server_names, streaming) for role in ROLES if pools_section.has(role)
     )
     pools_section.done()
     routing_section.done()
@@ -278,7 +279,10 @@ def _orchestrator_settings(section: Section) -> dict[str, str]:
         if key in _DERIVED:
             raise fail(section.key(key), "is set by the deployment's pools and routing sections, not here")
         if key not in known:
-            raise fail(section.key(key), f"unknown orchestrator setting; see orchestrator/serving/config.py: {sorted(known - _DERIVED)}")
+            raise fail(
+                section.key(key),
+                f"unknown orchestrator setting; see orchestrator/serving/config.py: {sorted(known - _DERIVED)}",
+            )
         values[key] = _render(value)
         section.seen.add(key)
     try:  # the orchestrator's own checks, with placeholder pools
@@ -325,7 +329,7 @@ def _pool(s: Section, role: str, servers: list[str], streaming: bool) -> Pool:
             f"is false, but {why} the orchestrator reads every engine reply as a stream (decoupled "
             "requests); TensorRT-LLM streams only from a decoupled model. Set decoupled: true",
         )
-    common = dict(role=role, engines=engines, kind=kind, server=server, tensor_parallel=tp, pipeline_parallel=pp,
+    common: dict[str, Any] = dict(role=role, engines=engines, kind=kind, server=server, tensor_parallel=tp, pipeline_parallel=pp,
                   max_batch_size=max_batch, tokens_per_block=tokens_per_block, max_input_len=max_input_len)  # fmt: skip
     if kind == "stub":
         for key in _REAL_KEYS:
@@ -334,7 +338,9 @@ def _pool(s: Section, role: str, servers: list[str], streaming: bool) -> Pool:
         pool = Pool(**common, stub=_stub_knobs(s, tp, pp, max_batch, tokens_per_block, max_input_len))
     else:
         if s.has("stub"):
-            raise fail(s.key("stub"), "stub-only options on a tensorrtllm pool: a real engine has no cost model or faults")
+            raise fail(
+                s.key("stub"), "stub-only options on a tensorrtllm pool: a real engine has no cost model or faults"
+            )
         pool = _real_pool(s, common)
     s.done()
     return pool
@@ -346,9 +352,14 @@ def _stub_knobs(s: Section, tp: int, pp: int, max_batch: int, tpb: int, max_inpu
     known = {f.name for f in fields(EngineConfig)}
     for key in knobs:
         if key in _POOL_OWNED or key in ("tokens_per_block", "max_input_len"):
-            raise fail(stub.key(key), "is set on the pool itself (tensor_parallel, pipeline_parallel, max_batch_size, ...)")
+            raise fail(
+                stub.key(key), "is set on the pool itself (tensor_parallel, pipeline_parallel, max_batch_size, ...)"
+            )
         if key not in known:
-            raise fail(stub.key(key), f"unknown stub engine knob; see orchestrator/stub_engine/config.py: {sorted(known - _POOL_OWNED)}")
+            raise fail(
+                stub.key(key),
+                f"unknown stub engine knob; see orchestrator/stub_engine/config.py: {sorted(known - _POOL_OWNED)}",
+            )
     params = {"max_batch_size": str(max_batch), "tokens_per_block": str(tpb), "max_input_len": str(max_input_len),
               "tensor_parallel_size": str(tp), "pipeline_parallel_size": str(pp), **knobs}  # fmt: skip
     try:
@@ -361,7 +372,9 @@ def _stub_knobs(s: Section, tp: int, pp: int, max_batch: int, tpb: int, max_inpu
 def _real_pool(s: Section, common: dict[str, Any]) -> Pool:
     engine_dir = s.string("engine_dir", "")
     if not engine_dir:
-        raise fail(s.key("engine_dir"), "a tensorrtllm pool needs the folder of its built engine (trtllm-build --output_dir)")
+        raise fail(
+            s.key("engine_dir"), "a tensorrtllm pool needs the folder of its built engine (trtllm-build --output_dir)"
+        )
     size = common["tensor_parallel"] * common["pipeline_parallel"]
     devices = s.id_groups("gpu_device_ids", common["engines"], size, "GPU device ids")
     participants = s.id_groups("participant_ids", common["engines"], size, "participant ids (MPI ranks)")
@@ -371,8 +384,9 @@ def _real_pool(s: Section, common: dict[str, Any]) -> Pool:
         engine_dir=engine_dir,
         kv_cache_free_gpu_mem_fraction=s.number("kv_cache_free_gpu_mem_fraction", 0.9, 0.01, 1.0),
         max_tokens_in_paged_kv_cache=s.integer("max_tokens_in_paged_kv_cache", 0),
-        batch_scheduler_policy=s.string("batch_scheduler_policy", "guaranteed_no_evict",
-                                        choices=("guaranteed_no_evict", "max_utilization")),  # fmt: skip
+        batch_scheduler_policy=s.string(
+            "batch_scheduler_policy", "guaranteed_no_evict", choices=("guaranteed_no_evict", "max_utilization")
+        ),  # fmt: skip
         parameters=s.scalars("parameters"),
         real=tuple(RealEngine(d, p) for d, p in zip(devices, participants)),
     )
@@ -419,7 +433,9 @@ def _check_whole(d: Deployment) -> None:
     used = {d.frontend, *(p.server for p in d.pools)}
     for server in d.servers:
         if server.name not in used:
-            raise fail(f"servers.{server.name}", "hosts nothing: remove it or name it in a pool's or the orchestrator's server")
+            raise fail(
+                f"servers.{server.name}", "hosts nothing: remove it or name it in a pool's or the orchestrator's server"
+            )
         _check_mpi_world(server.name, [p for p in real if p.server == server.name], len(d.servers) > 1)
 
 
@@ -433,11 +449,16 @@ def _check_mpi_world(server: str, pools: list[Pool], several: bool) -> None:
             here = f"pools.{pool.role} engine {i}"
             for rank in engine.participant_ids:
                 if rank in owner_rank:
-                    raise fail(f"pools.{pool.role}.participant_ids[{i}]", f"rank {rank} is also used by {owner_rank[rank]}{where}")
+                    raise fail(
+                        f"pools.{pool.role}.participant_ids[{i}]",
+                        f"rank {rank} is also used by {owner_rank[rank]}{where}",
+                    )
                 owner_rank[rank] = here
             for gpu in engine.gpu_device_ids:
                 if gpu in owner_gpu:
-                    raise fail(f"pools.{pool.role}.gpu_device_ids[{i}]", f"GPU {gpu} is also used by {owner_gpu[gpu]}{where}")
+                    raise fail(
+                        f"pools.{pool.role}.gpu_device_ids[{i}]", f"GPU {gpu} is also used by {owner_gpu[gpu]}{where}"
+                    )
                 owner_gpu[gpu] = here
     if not owner_rank:
         return

@@ -113,11 +113,14 @@ def manifests(d: Deployment, file_text: str, secrets: Mapping[str, str] | None =
                 {"name": "metrics", "containerPort": server.metrics_port},
             ],
             "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
-            "livenessProbe": _generate_probe(server.http_port) if server.name == d.frontend
+            "livenessProbe": _generate_probe(server.http_port)
+            if server.name == d.frontend
             else _probe("/v2/health/live", "http", 10, 3),
             "startupProbe": _probe("/v2/health/live", "http", 10, 60),  # engines may take minutes to load
-            "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
-                             {"name": "shm", "mountPath": "/dev/shm"}],  # fmt: skip
+            "volumeMounts": [
+                {"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
+                {"name": "shm", "mountPath": "/dev/shm"},
+            ],  # fmt: skip
         }
         gpus = _gpus(d, server.name)
         if gpus:

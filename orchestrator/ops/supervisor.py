@@ -267,19 +267,21 @@ class Supervisor:
     def recover(self, by_model: dict[str, list[int]], seen: float) -> list[Recovery]:
         try:
             states = self.repository.states()
-        except Exception as exc:  # noqa: BLE001 - the server may be going down
+        except Exception as exc:
             self.log(f"stub(s) {by_model} died but the repository API did not answer ({exc}); nothing done")
             return []
         # Only a model Triton still calls READY is served by a dead stub; one that is being
         # unloaded or is gone was taken down on purpose (or by the server's shutdown).
         models = [m for m in by_model if states.get(m) == "READY"]
         for model in set(by_model) - set(models):
-            self.log(f"stub of model {model!r} exited while the model is {states.get(model) or 'not in the repository'}: left alone")
+            self.log(
+                f"stub of model {model!r} exited while the model is {states.get(model) or 'not in the repository'}: left alone"
+            )
         unloaded: dict[str, float] = {}
         for model in models:  # every unload first: the bad window ends at once for all
             try:
                 self.repository.unload(model)
-            except Exception as exc:  # noqa: BLE001 - still try to load it again
+            except Exception as exc:
                 self.log(f"unload of {model!r} failed: {exc}")
             unloaded[model] = self.clock()
         done = []
@@ -299,7 +301,7 @@ class Supervisor:
             try:
                 self.repository.load(model)
                 return self.clock(), ""
-            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            except Exception as exc:
                 error = str(exc)
             if self.clock() + self.load_retry_s > deadline:
                 return None, error

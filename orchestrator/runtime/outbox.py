@@ -109,7 +109,7 @@ class Outbox:
                 last = channel._last  # set with the last item's append: that item is in `items`
             try:
                 channel._flush(items)
-            except Exception as exc:  # noqa: BLE001 - a flush's failure is that channel's, never the thread's
+            except Exception as exc:
                 self.log(f"outbox: a flush failed ({type(exc).__name__}: {exc}); its items are dropped")
             if last:
                 channel._flush = _dropped

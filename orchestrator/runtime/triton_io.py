@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from orchestrator.wire.errors import RequestError
 from orchestrator.runtime.stub_fence import StubFence
+from orchestrator.wire.errors import RequestError
 
 
 def model_parameters(args: Mapping[str, Any]) -> dict[str, str]:
@@ -60,7 +60,9 @@ def response(pb_utils: Any, tensors: Mapping[str, np.ndarray], requested: frozen
     )
 
 
-def respond(pb_utils: Any, sender: Any, tensors: Mapping[str, np.ndarray], requested: frozenset[str], flags: int) -> None:
+def respond(
+    pb_utils: Any, sender: Any, tensors: Mapping[str, np.ndarray], requested: frozenset[str], flags: int
+) -> None:
     """Send the `requested` outputs of `tensors` on a decoupled response sender."""
     outputs = [pb_utils.Tensor(k, v) for k, v in tensors.items() if k in requested]
     reply = pb_utils.InferenceResponse(output_tensors=outputs)

@@ -13,14 +13,14 @@ dead stub's requests).
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Mapping
+from typing import AsyncGenerator, Callable, Mapping
 
 import numpy as np
 
+from orchestrator.clients.engine_client import EngineClient, EngineReply
 from orchestrator.serving.child_stops import ChildStops
 from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.serving.deadline import StallTimer
-from orchestrator.clients.engine_client import EngineClient, EngineReply
 from orchestrator.wire.errors import EngineUnavailable, ErrorCode, RequestError, is_overloaded
 
 
@@ -50,7 +50,9 @@ def engine_failure(engine: str, phase: str, error: RequestError) -> PhaseFailed:
         return PhaseFailed(error, engine_fault=False)
     if is_overloaded(error):
         return PhaseFailed(error, engine_fault=False, overloaded=True)
-    return PhaseFailed(EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}"), engine_fault=True)
+    return PhaseFailed(
+        EngineUnavailable(f"{phase} phase failed on engine '{engine}': {error.message}"), engine_fault=True
+    )
 
 
 def retryable(failure: PhaseFailed) -> bool:
@@ -82,7 +84,7 @@ class ChildReplies:
     async def replies(
         self, children: dict[str, str], engine: str, phase: str, tensors: Mapping[str, np.ndarray],
         params: Mapping[str, str], child_id: str,
-    ) -> AsyncIterator[EngineReply]:  # fmt: skip
+    ) -> AsyncGenerator[EngineReply, None]:  # fmt: skip
         """The engine's replies to one child; `children` (the request's open children) holds
         it while it is open. Raises PhaseFailed when a bound passes or the engine is lost."""
         stream = self.client.stream(engine, tensors, params, child_id)
@@ -104,7 +106,11 @@ class ChildReplies:
                         raise
                     timer.absorb()
                     why = timer.reason or f"timed out on engine '{engine}': no reply in {timer.timeout_s:g}s"
-                    error = EngineUnavailable(f"{phase} phase {why}" if not timer.reason else f"{phase} phase failed on engine '{engine}': {why}")
+                    error = EngineUnavailable(
+                        f"{phase} phase {why}"
+                        if not timer.reason
+                        else f"{phase} phase failed on engine '{engine}': {why}"
+                    )
                     raise PhaseFailed(error, engine_fault=True) from None
                 finally:
                     timer.disarm()

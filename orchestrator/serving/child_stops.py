@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from orchestrator.wire.contract import stop_tensors
 from orchestrator.clients.engine_client import EngineClient
+from orchestrator.wire.contract import stop_tensors
 
 
 class ChildStops:
@@ -38,9 +38,11 @@ class ChildStops:
         async def drain() -> None:
             async for reply in self.client.stream(engine, stop_tensors(), {}, child_id):
                 if reply.error is not None:
-                    self.log(f"stop of {child_id} on engine {engine} failed ({reply.error.code.value}): {reply.error.message}")
+                    self.log(
+                        f"stop of {child_id} on engine {engine} failed ({reply.error.code.value}): {reply.error.message}"
+                    )
 
         try:
             await asyncio.wait_for(drain(), self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - the engine's lease timeout is the backstop
+        except Exception as exc:
             self.log(f"stop of {child_id} on engine {engine} got no answer: {exc!r}")

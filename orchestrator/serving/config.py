@@ -86,8 +86,8 @@ from typing import Any, Mapping
 
 from orchestrator.clients.endpoints import parse_endpoint
 from orchestrator.routing.health import BreakerSettings
-from orchestrator.wire.params import typed_values
 from orchestrator.routing.policies import POLICIES, PolicyOptions
+from orchestrator.wire.params import typed_values
 
 
 def _engine_list(raw: Any, key: str) -> tuple[str, ...]:
@@ -123,7 +123,9 @@ class Pools:
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> "Pools":
         try:
             if "context_engines" not in data:  # empty is aggregated serving; absent is an oversight
-                raise ValueError("'context_engines' is missing: list the context engines, or set it to '' for aggregated serving")
+                raise ValueError(
+                    "'context_engines' is missing: list the context engines, or set it to '' for aggregated serving"
+                )
             return cls(
                 context_engines=_engine_list(data.get("context_engines", ""), "context_engines"),
                 generation_engines=_engine_list(data.get("generation_engines", ""), "generation_engines"),
@@ -141,7 +143,9 @@ class Pools:
         except json.JSONDecodeError as exc:
             raise ValueError(f"pool_file {path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise ValueError(f'pool_file {path}: must hold an object {{"context_engines": [...], "generation_engines": [...]}}')
+            raise ValueError(
+                f'pool_file {path}: must hold an object {{"context_engines": [...], "generation_engines": [...]}}'
+            )
         return cls.from_mapping(data, f"pool_file {path}")
 
 
@@ -187,7 +191,9 @@ class OrchestratorConfig:
         _engine_list(list(self.generation_engines), "generation_engines")
         for key in ("context_policy", "generation_policy"):
             if getattr(self, key) not in POLICIES:
-                raise ValueError(f"orchestrator parameter '{key}': unknown policy {getattr(self, key)!r}; choose one of {sorted(POLICIES)}")
+                raise ValueError(
+                    f"orchestrator parameter '{key}': unknown policy {getattr(self, key)!r}; choose one of {sorted(POLICIES)}"
+                )
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", "float") and not value >= 0:
@@ -199,11 +205,13 @@ class OrchestratorConfig:
             if getattr(self, key) <= 0:
                 raise ValueError(f"orchestrator parameter '{key}' must be > 0, got {getattr(self, key)}")
         if self.streams_over not in ("grpc", "bls"):
-            raise ValueError(f"orchestrator parameter 'streams_over' must be 'grpc' or 'bls', got {self.streams_over!r}")
+            raise ValueError(
+                f"orchestrator parameter 'streams_over' must be 'grpc' or 'bls', got {self.streams_over!r}"
+            )
         if self.breaker_backoff_max_s < self.breaker_backoff_s:
             raise ValueError("orchestrator parameter 'breaker_backoff_max_s' must be >= breaker_backoff_s")
         try:
-            self.policy_options
+            _ = self.policy_options  # validates the policy knobs now, not at the first request
         except ValueError as exc:
             raise ValueError(f"orchestrator parameter {exc}") from None
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from orchestrator.serving.config import OrchestratorConfig, Pools
 from orchestrator.clients.engine_client import EngineClient
+from orchestrator.serving.config import OrchestratorConfig, Pools
 from orchestrator.serving.router import Router
 
 PROBE_TIMEOUT_S = 2.0
@@ -115,7 +115,7 @@ class Membership:
         if self.stub_deaths is not None:
             try:  # reads /proc: off the loop, which serves every request
                 dead = set(await asyncio.to_thread(lambda: list(self.stub_deaths())))  # type: ignore[misc]
-            except Exception as exc:  # noqa: BLE001 - a broken watch must not stop the probes
+            except Exception as exc:
                 self.log(f"stub watch failed: {exc}")
                 dead = set()
             for state in states:
@@ -125,7 +125,7 @@ class Membership:
         async def ask(name: str) -> bool:
             try:
                 return bool(await asyncio.wait_for(self.client.is_ready(name), PROBE_TIMEOUT_S))
-            except Exception:  # noqa: BLE001 - an engine that cannot answer is not ready
+            except Exception:
                 return False
 
         answers = await asyncio.gather(*(ask(s.name) for s in states))

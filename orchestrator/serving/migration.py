@@ -34,7 +34,9 @@ def continuation_tensors(tensors: Tensors, request: EngineRequest, generated: Se
     """The inputs of a continuation: prompt + `generated` as its prompt, the rest of the
     budget as `request_output_len`, `min_tokens` less what is already generated."""
     if len(generated) >= request.stop.max_new_tokens:
-        raise ValueError(f"nothing left to continue: {len(generated)} of max_tokens={request.stop.max_new_tokens} generated")
+        raise ValueError(
+            f"nothing left to continue: {len(generated)} of max_tokens={request.stop.max_new_tokens} generated"
+        )
     ids = request.input_ids + tuple(generated)
     out = dict(tensors)
     out["input_ids"] = np.asarray(ids, dtype=tensors["input_ids"].dtype).reshape(1, -1)
@@ -53,7 +55,9 @@ def budget_spent(left_behind: Sequence[str], limit: int) -> str:
     if limit == 0:
         return " (after tokens were streamed: not retried)"
     times = f"{len(left_behind)} time{'s' if len(left_behind) != 1 else ''}"
-    return f" (after tokens were streamed: migrated {times}, from {', '.join(left_behind)}; max_migrations={limit} spent)"
+    return (
+        f" (after tokens were streamed: migrated {times}, from {', '.join(left_behind)}; max_migrations={limit} spent)"
+    )
 
 
 def migration_failed(number: int, limit: int, why: str) -> str:

@@ -39,19 +39,19 @@ from typing import Awaitable, Callable, Mapping, TypeVar
 
 import numpy as np
 
+from orchestrator.routing.policies import RouteRequest
 from orchestrator.serving.child_replies import ChildReplies
 from orchestrator.serving.child_replies import PhaseFailed as _PhaseFailed
 from orchestrator.serving.child_replies import engine_failure as _engine_failure
 from orchestrator.serving.child_replies import retryable as _retryable
 from orchestrator.serving.config import OrchestratorConfig
-from orchestrator.wire.contract import FORWARDED_INPUTS, EngineOutput, PerfMetrics, RequestType, with_batch_dim
 from orchestrator.serving.deadline import StallTimer
-from orchestrator.wire.errors import EngineUnavailable, ErrorCode, RequestError
 from orchestrator.serving.migration import budget_spent, continuation_tensors, migration_failed
 from orchestrator.serving.progress import Progress
 from orchestrator.serving.router import Phase, RouteDecision, Router
-from orchestrator.routing.policies import RouteRequest
 from orchestrator.telemetry.recorder import Telemetry
+from orchestrator.wire.contract import FORWARDED_INPUTS, EngineOutput, PerfMetrics, RequestType, with_batch_dim
+from orchestrator.wire.errors import EngineUnavailable, ErrorCode, RequestError
 
 Tensors = Mapping[str, np.ndarray]
 T = TypeVar("T")
@@ -232,7 +232,9 @@ class Phases:
             if not timer.fired:
                 raise
             timer.absorb()
-            error = EngineUnavailable(f"{phase} phase timed out on engine '{engine}': not done within {phase}_timeout_s={timeout_s:g}")
+            error = EngineUnavailable(
+                f"{phase} phase timed out on engine '{engine}': not done within {phase}_timeout_s={timeout_s:g}"
+            )
             raise _PhaseFailed(error, engine_fault=True) from None
         finally:
             timer.disarm()
@@ -240,7 +242,9 @@ class Phases:
     async def _context_attempt(self, p: Progress, engine: str, tensors: Tensors, child_id: str) -> EngineOutput:
         params = {"request_type": RequestType.CONTEXT_ONLY.value}
         result: EngineOutput | None = None
-        async for reply in self.child_replies.replies(p.children, engine, "context", _child_inputs(tensors, False), params, child_id):
+        async for reply in self.child_replies.replies(
+            p.children, engine, "context", _child_inputs(tensors, False), params, child_id
+        ):
             if reply.error is not None:
                 raise _engine_failure(engine, "context", reply.error)
             if result is None:
@@ -325,7 +329,9 @@ class Phases:
             params["request_type"] = RequestType.GENERATION_ONLY.value
         first = p.generated[-1] if blob is not None else None
         repeat_pending = blob is not None  # the generation engine repeats the context's first token
-        async with aclosing(self.child_replies.replies(p.children, engine, "generation", gen_tensors, params, child_id)) as replies:
+        async with aclosing(
+            self.child_replies.replies(p.children, engine, "generation", gen_tensors, params, child_id)
+        ) as replies:
             async for reply in replies:
                 if p.closed:
                     if continuation:

@@ -22,6 +22,7 @@ request has produced and every answer to its client live in `orchestrator.servin
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections import deque
@@ -30,23 +31,30 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from orchestrator.clients.engine_client import EngineClient
+from orchestrator.runtime.outbox import Outbox
 from orchestrator.serving.child_replies import ChildReplies
 from orchestrator.serving.child_replies import PhaseFailed as _PhaseFailed
 from orchestrator.serving.child_stops import ChildStops
 from orchestrator.serving.config import OrchestratorConfig
-from orchestrator.wire.contract import EngineRequest
 from orchestrator.serving.deadline import StallTimer
-from orchestrator.text.detokenize import DetokWindow
-from orchestrator.clients.engine_client import EngineClient
-from orchestrator.wire.errors import DuplicateRequest, EngineUnavailable, ErrorCode, InvalidInput, Overloaded, RequestError
-from orchestrator.wire.errors import as_request_error
 from orchestrator.serving.membership import Membership
-from orchestrator.telemetry.registry import MemoryRegistry
-from orchestrator.runtime.outbox import Outbox
 from orchestrator.serving.phases import Phases
 from orchestrator.serving.progress import Progress, ResponseSink
 from orchestrator.serving.router import Router
 from orchestrator.telemetry.recorder import SPECS, RequestRecord, Telemetry
+from orchestrator.telemetry.registry import MemoryRegistry
+from orchestrator.text.detokenize import DetokWindow
+from orchestrator.wire.contract import EngineRequest
+from orchestrator.wire.errors import (
+    DuplicateRequest,
+    EngineUnavailable,
+    ErrorCode,
+    InvalidInput,
+    Overloaded,
+    RequestError,
+    as_request_error,
+)
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -77,9 +85,7 @@ class Orchestrator:
         self.router = router or Router(config)
         self.log = log
         self.telemetry = telemetry or Telemetry(MemoryRegistry(SPECS), deferred=False)
-        self.router.listeners.append(
-            lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt)
-        )
+        self.router.listeners.append(lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt))
         self.in_flight: dict[str, _InFlight] = {}
         self.child_stops = ChildStops(client, config.stop_timeout_s, log)
         self.child_replies = ChildReplies(client, self.child_stops, config, log)
@@ -148,7 +154,7 @@ class Orchestrator:
         progress = self._progress(request, sink)
         task = loop.create_task(self._serve(progress, tensors, key))
         self.in_flight[key] = _InFlight(task, progress)
-        task.add_done_callback(lambda t, k=key, p=progress: self._task_done(t, k, p))
+        task.add_done_callback(functools.partial(self._task_done, key=key, p=progress))
         if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
             self._watcher = loop.create_task(self._watch_cancellations())
         return task
@@ -239,7 +245,7 @@ class Orchestrator:
             return
         try:
             gone = bool(cancelled())
-        except Exception:  # noqa: BLE001 - a sink that cannot tell counts as a departed client
+        except Exception:
             gone = True
         if gone:
             p.ending = "client"
@@ -266,11 +272,13 @@ class Orchestrator:
         except _PhaseFailed as failure:
             error = failure.error
             if error.code is ErrorCode.NOT_FOUND:  # retries spent: to the client, an unavailable backend
-                error = EngineUnavailable(f"the context phase's KV cache was lost and retries are spent: {error.message}")
+                error = EngineUnavailable(
+                    f"the context phase's KV cache was lost and retries are spent: {error.message}"
+                )
             if failure.overloaded:  # every engine it tried was full; the message says so
                 self.telemetry.rejected("engines_overloaded")
             progress.fail(error)
-        except Exception as exc:  # noqa: BLE001 - turned into the client's typed error
+        except Exception as exc:
             progress.fail(as_request_error(exc))
         finally:
             deadline.disarm()

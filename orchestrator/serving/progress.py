@@ -15,10 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
-from orchestrator.wire.contract import EngineOutput, EngineRequest, PerfMetrics
-from orchestrator.text.detokenize import DetokWindow, prompt_window
-from orchestrator.wire.errors import ErrorCode, RequestError, is_overloaded
 from orchestrator.runtime.outbox import Channel
+from orchestrator.text.detokenize import DetokWindow, prompt_window
+from orchestrator.wire.contract import EngineOutput, EngineRequest, PerfMetrics
+from orchestrator.wire.errors import ErrorCode, RequestError, is_overloaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,9 @@ class Progress:
         merged: list[_Answer] = []
         for item in items:
             last = merged[-1] if merged else None
-            if isinstance(item, _Delta) and isinstance(last, _Delta) and item.tokens:  # an empty final (a stop's) stays apart
+            if (
+                isinstance(item, _Delta) and isinstance(last, _Delta) and item.tokens
+            ):  # an empty final (a stop's) stays apart
                 merged[-1] = _Delta(last.tokens + item.tokens, item.final, item.count)
             else:
                 merged.append(item)
@@ -132,22 +134,26 @@ class Progress:
             if isinstance(item, RequestError):
                 try:
                     self.sink.fail(item)
-                except Exception:  # noqa: BLE001 - the client is gone; nothing is left to tell
+                except Exception:
                     pass
                 return
             try:
                 self._send(item)
-            except Exception as exc:  # noqa: BLE001 - Triton refused the response: end the request here
+            except Exception as exc:
                 self.broken = self.closed = True
                 if self.outcome == "ok":
                     self.outcome = "internal"
                 with contextlib.suppress(Exception):
-                    self.sink.fail(RequestError(f"a response could not be sent: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL))
+                    self.sink.fail(
+                        RequestError(f"a response could not be sent: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL)
+                    )
                 return
 
     def _send(self, item: _Delta | _Whole) -> None:
         if isinstance(item, _Delta):
-            self.sink.send(self.tensors(item.tokens, self.detok.window(item.tokens, final=item.final), item.count), item.final)
+            self.sink.send(
+                self.tensors(item.tokens, self.detok.window(item.tokens, final=item.final), item.count), item.final
+            )
             return
         req = self.request
         if req.exclude_input_in_output:
@@ -174,7 +180,10 @@ class Progress:
                 kv_cache_alloc_total_blocks=total,
             )
         output = EngineOutput(
-            tokens=body, perf=perf, num_input_tokens=len(self.request.input_ids), num_output_tokens=len(self.generated) if count is None else count,
+            tokens=body,
+            perf=perf,
+            num_input_tokens=len(self.request.input_ids),
+            num_output_tokens=len(self.generated) if count is None else count,
         )
         out = output.tensors(self.request)
         out["detok_window"] = window.reshape(1, -1)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Iterator, Sequence
 
+from orchestrator.routing.policies import Candidate, RouteRequest, RoutingPolicy, make_policy
+from orchestrator.routing.pool import EnginePool, EngineState
 from orchestrator.serving.config import OrchestratorConfig, Pools
 from orchestrator.wire.block_hash import block_hashes
 from orchestrator.wire.errors import EngineUnavailable
-from orchestrator.routing.pool import EnginePool, EngineState
-from orchestrator.routing.policies import Candidate, RouteRequest, RoutingPolicy, make_policy
 
 
 class Phase(str, Enum):
@@ -90,9 +90,7 @@ class Router:
         if not states:
             tried = f" (tried: {', '.join(exclude)})" if exclude else ""
             raise EngineUnavailable(f"no {phase.value} engine is available{tried}; pool: {list(pool.names) or 'empty'}")
-        candidates = [
-            Candidate(s.name, s.in_flight, s.in_flight_tokens, s.index.match(request.hashes)) for s in states
-        ]
+        candidates = [Candidate(s.name, s.in_flight, s.in_flight_tokens, s.index.match(request.hashes)) for s in states]
         policy = self.policies[phase]
         chosen = policy.select(candidates, request)
         state = pool.get(chosen.engine)

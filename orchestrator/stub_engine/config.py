@@ -115,7 +115,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
-            raise ValueError(f"engine parameter 'max_queued_requests' must be >= 0 (0: unlimited), got {self.max_queued_requests}")
+            raise ValueError(
+                f"engine parameter 'max_queued_requests' must be >= 0 (0: unlimited), got {self.max_queued_requests}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "max_queued_requests":  # 0 means unlimited: checked above
@@ -125,7 +127,9 @@ class EngineConfig:
             if f.type == "float" and not value >= 0:
                 raise ValueError(f"engine parameter '{f.name}' must be >= 0, got {value}")
         if self.kv_transport not in TRANSPORT_NAMES:
-            raise ValueError(f"engine parameter 'kv_transport' must be one of {list(TRANSPORT_NAMES)}, got {self.kv_transport!r}")
+            raise ValueError(
+                f"engine parameter 'kv_transport' must be one of {list(TRANSPORT_NAMES)}, got {self.kv_transport!r}"
+            )
         for key, choices in (("fault", FAULTS), ("fault_phase", FAULT_PHASES)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"engine parameter '{key}' must be one of {list(choices)}, got {getattr(self, key)!r}")
@@ -159,7 +163,7 @@ class EngineConfig:
     def from_parameters(cls, params: Mapping[str, str]) -> "EngineConfig":
         """Build from string parameters; a bad value is an error that names its key."""
         values = typed_values(cls, params, "engine")
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
     @classmethod
     def free(cls, **overrides: object) -> "EngineConfig":
@@ -172,7 +176,11 @@ class EngineConfig:
         """Modelled GPU time of one step with these contents."""
         ms = self.step_overhead_ms + self.prefill_us_per_token * prefill_tokens / 1e3
         if decoding:
-            ms += self.decode_ms_per_step + self.decode_us_per_seq * decoding / 1e3 + self.decode_ns_per_kv_token * kv_tokens / 1e6
+            ms += (
+                self.decode_ms_per_step
+                + self.decode_us_per_seq * decoding / 1e3
+                + self.decode_ns_per_kv_token * kv_tokens / 1e6
+            )
         return ms / 1e3
 
     def transfer_seconds(self, tokens: int) -> float:

@@ -34,23 +34,31 @@ import time
 from collections import deque
 from typing import Callable
 
-from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType
-from orchestrator.wire.block_hash import block_hashes
 from orchestrator.stub_engine.block_pool import BlockPool
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.faults import chosen_fault
 from orchestrator.stub_engine.kv_auth import KeyRing
-from orchestrator.stub_engine.kv_exchange import KvExchange
 from orchestrator.stub_engine.kv_cache import Allocation, KVCacheManager
+from orchestrator.stub_engine.kv_exchange import KvExchange
 from orchestrator.stub_engine.kv_layout import convert
 from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.leases import LeaseTable
+from orchestrator.stub_engine.sequence import (
+    EngineSequence,
+    Sink,
+    check_prompt,
+    max_slots,
+    output_for,
+    partial_output,
+    take_token,
+)
 from orchestrator.stub_engine.tiny_model import InductionModel, SequenceKV
-from orchestrator.stub_engine.sequence import EngineSequence, Sink, check_prompt, max_slots, output_for, partial_output, take_token
 from orchestrator.stub_engine.transfer import KVTransport
-from orchestrator.wire.errors import ErrorCode, InvalidInput, Overloaded, RequestError, as_request_error
-from orchestrator.telemetry.registry import MemoryRegistry
 from orchestrator.telemetry.recorder import ENGINE_SPECS, Telemetry
+from orchestrator.telemetry.registry import MemoryRegistry
+from orchestrator.wire.block_hash import block_hashes
+from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType
+from orchestrator.wire.errors import ErrorCode, InvalidInput, Overloaded, RequestError, as_request_error
 
 MIN_IDLE_POLL_S = 0.005  # a loop with only queued or pulling requests sleeps at least this between checks
 MAX_OVERLAP_S = 0.050  # host work after a step counted as overlapping the next step's GPU time, at most
@@ -132,7 +140,9 @@ class EngineCore:
         if self._closed:
             raise RequestError(f"engine '{self.name}' is shut down", ErrorCode.UNAVAILABLE)
         if request.request_type is RequestType.CONTEXT_ONLY and not (self._started and self._started.done()):
-            raise RequestError(f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL)
+            raise RequestError(
+                f"bug: engine '{self.name}' got a context_only request before start()", ErrorCode.INTERNAL
+            )
         fault = chosen_fault(self.config, request, fault)
         if fault == "fail":
             raise RequestError(f"engine '{self.name}' failed the request (injected fault)", ErrorCode.UNAVAILABLE)
@@ -146,7 +156,9 @@ class EngineCore:
             )
         self._check_queue()
         hashes = block_hashes(ids, self.config.tokens_per_block) if self.config.enable_kv_cache_reuse else []
-        seq = EngineSequence(request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault)
+        seq = EngineSequence(
+            request=request, sink=sink, arrival_ns=self._clock_ns(), hashes=hashes, tokens=list(ids), fault=fault
+        )
         if request.request_type is RequestType.GENERATION_ONLY:
             seq.handoff = self.exchange.check(request, self._clock_ns())
         if fault in ("hang", "stall"):
@@ -180,7 +192,9 @@ class EngineCore:
         An id that matches nothing is fine: the request may have finished already.
         """
         if not request_id:
-            raise InvalidInput("a stop request needs the request id of the request to stop: send it as the request's id")
+            raise InvalidInput(
+                "a stop request needs the request id of the request to stop: send it as the request's id"
+            )
         stopped = 0
         for seq in self._sequences():
             if seq.request.request_id == request_id and not seq.done:
@@ -243,7 +257,9 @@ class EngineCore:
                     await self._wakeup.wait()
                 else:  # queued for memory or pulling: wake on news, and look for cancellations now and then
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), max(MIN_IDLE_POLL_S, self.config.cancel_check_ms / 1e3))
+                        await asyncio.wait_for(
+                            self._wakeup.wait(), max(MIN_IDLE_POLL_S, self.config.cancel_check_ms / 1e3)
+                        )
                     except asyncio.TimeoutError:
                         pass
                 continue
@@ -321,9 +337,13 @@ class EngineCore:
         seq.kv_stats = (alloc.new, alloc.reused, len(alloc.blocks))
         engine = {"engine": self.name}
         self.telemetry.inc("disagg_engine_prefix_hit_blocks_total", engine, alloc.reused)
-        self.telemetry.inc("disagg_engine_new_blocks_total", engine, self.kv.blocks_for(seq.prompt_tokens) - alloc.reused)
+        self.telemetry.inc(
+            "disagg_engine_new_blocks_total", engine, self.kv.blocks_for(seq.prompt_tokens) - alloc.reused
+        )
         queued_s = max(0, self._clock_ns() - seq.arrival_ns) / 1e9
-        self.telemetry.observe("disagg_engine_queue_seconds", {**engine, "phase": seq.request.request_type.value}, queued_s)
+        self.telemetry.observe(
+            "disagg_engine_queue_seconds", {**engine, "phase": seq.request.request_type.value}, queued_s
+        )
 
     # -- KV pulls (generation_only) ----------------------------------------------------
     def _start_pull(self, seq: EngineSequence) -> bool:
@@ -346,7 +366,9 @@ class EngineCore:
         try:
             first, count = alloc.reused, self.kv.blocks_for(handoff.num_tokens) - alloc.reused
             shards = await self.exchange.pull(handoff, first, count)
-            self.store.write_blocks(alloc.blocks[first : first + count], convert(self.geometry, handoff.layout, self.config.layout, shards))
+            self.store.write_blocks(
+                alloc.blocks[first : first + count], convert(self.geometry, handoff.layout, self.config.layout, shards)
+            )
             kv.length = handoff.num_tokens
             self.model.reindex(self.store, kv)
             self.kv.commit(alloc, seq.tokens)
@@ -358,7 +380,7 @@ class EngineCore:
             self.telemetry.observe("disagg_engine_kv_transfer_bytes", engine, float(getattr(shards, "nbytes", 0)))
         except asyncio.CancelledError:
             raise  # whoever cancelled (cancellation, shutdown) has ended the sequence
-        except Exception as exc:  # noqa: BLE001 - becomes this request's error
+        except Exception as exc:
             self._pulling.discard(seq)
             self._fail(seq, as_request_error(exc))
             return
@@ -373,7 +395,7 @@ class EngineCore:
         """Run one sequence's work; a failure ends that sequence only, with a typed error."""
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
+        except Exception as exc:
             self._fail(seq, as_request_error(exc))
             return None
 
@@ -408,7 +430,7 @@ class EngineCore:
                 [s.tokens[-1] for s in batch],
                 [s.tokens[-2] if len(s.tokens) > 1 else -1 for s in batch],
             )
-        except Exception as exc:  # noqa: BLE001 - a model failure ends this step's sequences, not the engine
+        except Exception as exc:
             for seq in batch:
                 self._fail(seq, as_request_error(exc))
             return 0
@@ -438,7 +460,12 @@ class EngineCore:
         req, alloc, first = seq.request, seq.alloc, seq.pending
         assert alloc is not None and first is not None
         if seq.fault == "crash":
-            self._fail(seq, RequestError(f"engine '{self.name}' crashed before the context response (injected fault)", ErrorCode.UNAVAILABLE))
+            self._fail(
+                seq,
+                RequestError(
+                    f"engine '{self.name}' crashed before the context response (injected fault)", ErrorCode.UNAVAILABLE
+                ),
+            )
             return
         ended = req.stop.is_end(first)
         tokens = () if ended else (first,)
@@ -457,7 +484,9 @@ class EngineCore:
         token = seq.pending
         assert token is not None
         if seq.fault == "crash" and len(seq.generated) >= self.config.fault_after_tokens:
-            self._fail(seq, RequestError(f"engine '{self.name}' crashed mid-stream (injected fault)", ErrorCode.UNAVAILABLE))
+            self._fail(
+                seq, RequestError(f"engine '{self.name}' crashed mid-stream (injected fault)", ErrorCode.UNAVAILABLE)
+            )
             return
         output, done = take_token(seq, token, now)
         if done:
@@ -487,7 +516,7 @@ class EngineCore:
         seq.closed = True
         try:
             seq.sink.fail(error)
-        except Exception:  # noqa: BLE001 - its client is gone; the loop must go on for the others
+        except Exception:
             pass
 
     def _drop_cancelled(self) -> None:
@@ -500,7 +529,7 @@ class EngineCore:
         for seq in self._sequences():
             try:
                 gone = seq.sink.cancelled()
-            except Exception:  # noqa: BLE001 - a broken sink counts as a departed client
+            except Exception:
                 gone = True
             if gone:
                 self._fail(seq, cancelled)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import zlib
 
-from orchestrator.wire.contract import EngineRequest, RequestType
 from orchestrator.stub_engine.config import FAULTS, EngineConfig
+from orchestrator.wire.contract import EngineRequest, RequestType
 from orchestrator.wire.errors import InvalidInput
 
 

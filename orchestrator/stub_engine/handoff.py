@@ -22,10 +22,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from orchestrator.wire.contract import EngineRequest
-from orchestrator.wire.block_hash import prompt_digest
 from orchestrator.stub_engine.kv_auth import CLOCK_SKEW_S, MAC_LEN, KeyRing, PeerHosts, PulledHandoffs
 from orchestrator.stub_engine.kv_layout import Geometry, Layout
+from orchestrator.wire.block_hash import prompt_digest
+from orchestrator.wire.contract import EngineRequest
 from orchestrator.wire.errors import EngineUnavailable, InvalidInput, KVCacheGone
 
 MAGIC = b"DKV3"
@@ -118,7 +118,9 @@ def check_handoff(
         raise InvalidInput("context_phase_params were used already: this engine pulled that KV cache before (a replay)")
     if now_ns > handoff.expires_ns + CLOCK_SKEW_S * 1e9:
         late_s = (now_ns - handoff.expires_ns) / 1e9
-        raise KVCacheGone(f"context_phase_params expired {late_s:.1f}s ago: engine '{handoff.source_engine}' has let its KV lease go")
+        raise KVCacheGone(
+            f"context_phase_params expired {late_s:.1f}s ago: engine '{handoff.source_engine}' has let its KV lease go"
+        )
     if not peers.allows(handoff.host):
         raise EngineUnavailable(
             f"context engine '{handoff.source_engine}' serves KV on {handoff.host}, which this engine's kv_peer_hosts "

@@ -69,13 +69,17 @@ class KeyRing:
         return cls(tuple(k.encode() for k in keys), source)
 
     @classmethod
-    def load(cls, secret_file: str = "", secret_env: str = "DISAGG_KV_SECRET", server_pid: int | None = None) -> "KeyRing":
+    def load(
+        cls, secret_file: str = "", secret_env: str = "DISAGG_KV_SECRET", server_pid: int | None = None
+    ) -> "KeyRing":
         """The keys from `secret_file`, else from `$secret_env`, else this server's own key."""
         if secret_file:
             try:
                 text = Path(secret_file).read_text()
             except OSError as exc:
-                raise SecretError(f"engine parameter 'kv_secret_file' = {secret_file!r} cannot be read: {exc}") from None
+                raise SecretError(
+                    f"engine parameter 'kv_secret_file' = {secret_file!r} cannot be read: {exc}"
+                ) from None
             return cls.parse(text, f"kv_secret_file {secret_file!r}")
         value = os.environ.get(secret_env, "") if secret_env else ""
         if value:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from orchestrator.wire.block_hash import SEED, block_hashes, chain_hash
 from orchestrator.stub_engine.block_pool import BlockPool
+from orchestrator.wire.block_hash import SEED, block_hashes, chain_hash
 
 
 @dataclass(slots=True)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.wire.contract import EngineRequest
-from orchestrator.wire.block_hash import prompt_digest
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.handoff import Handoff, check_handoff
 from orchestrator.stub_engine.kv_auth import KeyRing, PeerHosts, PulledHandoffs
 from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.leases import LeaseTable
 from orchestrator.stub_engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
+from orchestrator.wire.block_hash import prompt_digest
+from orchestrator.wire.contract import EngineRequest
 
 
 class KvExchange:

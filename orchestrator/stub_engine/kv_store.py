@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from pathlib import Path
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 
 from orchestrator.stub_engine.kv_layout import DTYPE, Geometry, Layout
-
 
 SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"^dkv_.*_(\d+)_[0-9a-f]{8}$")
@@ -34,7 +33,7 @@ def is_store_name(name: str) -> bool:
 
 def remove_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlink the KV segments whose creating process no longer exists; returns their names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = [p.name for p in shm_dir.iterdir()]
     except OSError:
@@ -54,7 +53,9 @@ def remove_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
 class KVStore:
     """Joins the model (which reads and writes token slots) to the bytes a transfer moves."""
 
-    def __init__(self, geometry: Geometry, layout: Layout, num_blocks: int, shared: bool = False, label: str = "kv") -> None:
+    def __init__(
+        self, geometry: Geometry, layout: Layout, num_blocks: int, shared: bool = False, label: str = "kv"
+    ) -> None:
         layout.validate(geometry)
         self.geometry, self.layout, self.num_blocks = geometry, layout, num_blocks
         shape = layout.shape(geometry, num_blocks)
@@ -63,9 +64,11 @@ class KVStore:
             remove_orphans()
             nbytes = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
             safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in label)[:40]
-            self._shm = shared_memory.SharedMemory(create=True, size=nbytes, name=f"dkv_{safe}_{os.getpid()}_{secrets.token_hex(4)}")
+            self._shm = shared_memory.SharedMemory(
+                create=True, size=nbytes, name=f"dkv_{safe}_{os.getpid()}_{secrets.token_hex(4)}"
+            )
             _CREATED.add(self._shm.name)
-            self.array = np.ndarray(shape, dtype=DTYPE, buffer=self._shm.buf)
+            self.array: np.ndarray = np.ndarray(shape, dtype=DTYPE, buffer=self._shm.buf)
             self.array.fill(0)
         else:
             self.array = np.zeros(shape, dtype=DTYPE)
@@ -149,6 +152,6 @@ def attach(name: str) -> shared_memory.SharedMemory:
         return shm
     try:  # Python < 3.13 registers attached segments too and would unlink them at exit
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - the tracker is an optimisation; attaching worked
+    except Exception:
         pass
     return shm

@@ -9,10 +9,10 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from orchestrator.wire.contract import EngineOutput, EngineRequest, PerfMetrics, RequestType
 from orchestrator.stub_engine.handoff import Handoff
 from orchestrator.stub_engine.kv_cache import Allocation
 from orchestrator.stub_engine.tiny_model import SequenceKV
+from orchestrator.wire.contract import EngineOutput, EngineRequest, PerfMetrics, RequestType
 from orchestrator.wire.errors import InvalidInput, RequestError
 
 

@@ -146,12 +146,17 @@ class InductionModel:
             targets.append(match)
         return [_signed(v) for v in self._decode(1, 0, store.read_at(*self._slots(seqs, targets))).tolist()]
 
-    def decode_step(self, store: KVStore, seqs: Sequence[SequenceKV], tokens: Sequence[int], previous: Sequence[int]) -> list[int]:
+    def decode_step(
+        self, store: KVStore, seqs: Sequence[SequenceKV], tokens: Sequence[int], previous: Sequence[int]
+    ) -> list[int]:
         """One decode step for a batch: append tokens[i] (preceded by previous[i]) to sequence i's
         cache, index the K just written, and compute every next token: O(batch) numpy calls, not per sequence."""
         positions = [s.length for s in seqs]
         slots = self._slots(seqs, positions)
-        store.write_at(*slots, self._kv(np.asarray(tokens, np.int64), np.asarray(positions, np.int64), np.asarray(previous, np.int64)))
+        store.write_at(
+            *slots,
+            self._kv(np.asarray(tokens, np.int64), np.asarray(positions, np.int64), np.asarray(previous, np.int64)),
+        )
         keys = self._decode(0, 0, store.read_at(*slots)).tolist()  # read back: the index reflects the cache
         for seq, key, pos in zip(seqs, keys, positions):
             seq.length = pos + 1

@@ -103,7 +103,9 @@ class TransferServer:
             fields, puller_nonce, mac = frame[: _REQUEST.size], frame[_REQUEST.size : -MAC_LEN], frame[-MAC_LEN:]
             if not self.keys.verify(mac, b"pull", server_nonce, puller_nonce, fields):
                 self.refused += 1
-                await _reply_error(writer, "unauthenticated KV pull: the MAC does not verify with this deployment's secret")
+                await _reply_error(
+                    writer, "unauthenticated KV pull: the MAC does not verify with this deployment's secret"
+                )
                 return
             magic, lease_id, first, count, mode = _REQUEST.unpack(fields)
             if magic != _MAGIC or mode not in (MODE_TCP, MODE_SHM):
@@ -115,7 +117,9 @@ class TransferServer:
                 return
             blocks = lease.alloc.blocks[first : first + count]
             if len(blocks) != count or count == 0:
-                await _reply_error(writer, f"blocks {first}..{first + count} are outside the lease's {len(lease.alloc.blocks)}")
+                await _reply_error(
+                    writer, f"blocks {first}..{first + count} are outside the lease's {len(lease.alloc.blocks)}"
+                )
                 return
             proof = self.keys.sign(b"serve", puller_nonce, server_nonce, fields)
             if mode == MODE_TCP:
@@ -166,7 +170,9 @@ class _PullBase:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(handoff.host, handoff.port), IO_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise KVCacheGone(f"cannot reach the KV transfer server of '{handoff.source_engine}' at {where}: {exc}") from None
+            raise KVCacheGone(
+                f"cannot reach the KV transfer server of '{handoff.source_engine}' at {where}: {exc}"
+            ) from None
         try:
             challenge = await asyncio.wait_for(reader.readexactly(len(_CHALLENGE) + NONCE_LEN), IO_TIMEOUT_S)
             if challenge[: len(_CHALLENGE)] != _CHALLENGE:
@@ -182,7 +188,9 @@ class _PullBase:
                 raise KVCacheGone(f"context engine '{handoff.source_engine}' refused the KV pull: {message}")
             proof = await asyncio.wait_for(reader.readexactly(MAC_LEN), IO_TIMEOUT_S)
             if not self.keys.verify(proof, b"serve", puller_nonce, server_nonce, fields):
-                raise KVCacheGone(f"the KV transfer server at {where} could not prove it holds this deployment's secret")
+                raise KVCacheGone(
+                    f"the KV transfer server at {where} could not prove it holds this deployment's secret"
+                )
             shards = await asyncio.wait_for(self._receive(handoff, reader, count), IO_TIMEOUT_S)
             writer.write(_DONE)
             await writer.drain()
@@ -228,9 +236,13 @@ class ShmTransport(_PullBase):
         total, got = struct.unpack("<II", await reader.readexactly(8))
         source = handoff.source_engine
         if name != handoff.shm_name or not is_store_name(name):
-            raise KVCacheGone(f"the KV transfer server of '{source}' named segment {name!r}, not its own {handoff.shm_name!r}")
+            raise KVCacheGone(
+                f"the KV transfer server of '{source}' named segment {name!r}, not its own {handoff.shm_name!r}"
+            )
         if got != count or not 0 < total <= MAX_PULL_BLOCKS:
-            raise KVCacheGone(f"the KV transfer server of '{source}' answered {got} of {total} blocks for {count} asked")
+            raise KVCacheGone(
+                f"the KV transfer server of '{source}' answered {got} of {total} blocks for {count} asked"
+            )
         ids = list(struct.unpack(f"<{got}I", await reader.readexactly(4 * got)))
         if max(ids) >= total:
             raise KVCacheGone(f"the KV transfer server of '{source}' named block {max(ids)} of a store of {total}")
@@ -242,7 +254,7 @@ class ShmTransport(_PullBase):
                 raise KVCacheGone(f"cannot map the KV store '{name}' of '{source}': {exc}") from None
             self._attached[name] = shm
         try:
-            view = np.ndarray(handoff.layout.shape(handoff.geometry, total), dtype=DTYPE, buffer=shm.buf)  # type: ignore[attr-defined]
+            view: np.ndarray = np.ndarray(handoff.layout.shape(handoff.geometry, total), dtype=DTYPE, buffer=shm.buf)  # type: ignore[attr-defined]
         except TypeError as exc:  # the segment is smaller than the store it claims to be
             raise KVCacheGone(f"the KV store '{name}' of '{source}' does not hold {total} blocks: {exc}") from None
         return view[:, ids].copy()
@@ -270,7 +282,11 @@ class AutoTransport:
         self.shm.close()
 
 
-TRANSPORTS: dict[str, Callable[[KeyRing], KVTransport]] = {"auto": AutoTransport, "tcp": TcpTransport, "shm": ShmTransport}
+TRANSPORTS: dict[str, Callable[[KeyRing], KVTransport]] = {
+    "auto": AutoTransport,
+    "tcp": TcpTransport,
+    "shm": ShmTransport,
+}
 
 
 def make_transport(name: str, keys: KeyRing) -> KVTransport:
@@ -286,4 +302,12 @@ def close_transport(transport: KVTransport) -> None:
         close()
 
 
-__all__ = ["AutoTransport", "KVTransport", "ShmTransport", "TcpTransport", "TransferServer", "host_id", "make_transport"]
+__all__ = [
+    "AutoTransport",
+    "KVTransport",
+    "ShmTransport",
+    "TcpTransport",
+    "TransferServer",
+    "host_id",
+    "make_transport",
+]

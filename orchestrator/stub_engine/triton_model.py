@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.runtime import triton_io as io
-from orchestrator.wire.contract import EngineOutput, EngineRequest, is_stop_request, parse_request
+from orchestrator.runtime.loop_thread import LoopThread
+from orchestrator.runtime.outbox import Channel, Outbox
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.core import EngineCore
 from orchestrator.stub_engine.sequence import join_outputs
-from orchestrator.wire.errors import RequestError, as_request_error
 from orchestrator.telemetry.gauges import StateGauges
-from orchestrator.runtime.loop_thread import LoopThread
-from orchestrator.telemetry.registry import TritonRegistry
-from orchestrator.runtime.outbox import Channel, Outbox
 from orchestrator.telemetry.recorder import ENGINE_SPECS, Telemetry
+from orchestrator.telemetry.registry import TritonRegistry
+from orchestrator.wire.contract import EngineOutput, EngineRequest, is_stop_request, parse_request
+from orchestrator.wire.errors import RequestError, as_request_error
 
 
 class _EngineSink:
@@ -56,7 +56,9 @@ class _EngineSink:
                 flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
                 io.respond(self.pb, self.sender, joined.tensors(self.request), self.requested, flags)
             if errors:
-                self.sender.send(io.error_response(self.pb, errors[0]), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self.sender.send(
+                    io.error_response(self.pb, errors[0]), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                )
         except Exception:
             self.broken = True  # Triton refused a response (the request is gone): send nothing more
             raise
@@ -64,7 +66,7 @@ class _EngineSink:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        import triton_python_backend_utils as pb_utils  # noqa: PLC0415 - exists only in the stub
+        import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
         self.config = EngineConfig.from_parameters(io.model_parameters(args))
@@ -95,9 +97,14 @@ class TritonPythonModel:
                     sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
                 parsed = parse_request(tensors, parameters, request.request_id(), self.config.max_input_len)
-                self.core.submit(parsed, _EngineSink(self.pb, sender, parsed, request, self.outbox), parameters.get("fault"))
-            except Exception as exc:  # noqa: BLE001 - one typed error response per bad request
-                sender.send(io.error_response(self.pb, as_request_error(exc)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self.core.submit(
+                    parsed, _EngineSink(self.pb, sender, parsed, request, self.outbox), parameters.get("fault")
+                )
+            except Exception as exc:
+                sender.send(
+                    io.error_response(self.pb, as_request_error(exc)),
+                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
 
     def finalize(self) -> None:
         try:  # in-flight requests end UNAVAILABLE, blocks and leases are freed, the store unlinked

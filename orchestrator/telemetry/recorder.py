@@ -41,18 +41,28 @@ from typing import Callable
 from orchestrator.telemetry.registry import BYTE_BUCKETS, TIME_BUCKETS, MetricSpec, Registry
 
 SPECS: tuple[MetricSpec, ...] = (
-    MetricSpec("disagg_request_ttft_seconds", "histogram", "time to first token, arrival to the first token sent", TIME_BUCKETS),
+    MetricSpec(
+        "disagg_request_ttft_seconds", "histogram", "time to first token, arrival to the first token sent", TIME_BUCKETS
+    ),
     MetricSpec("disagg_request_tpot_seconds", "histogram", "mean time per output token after the first", TIME_BUCKETS),
     MetricSpec("disagg_request_e2e_seconds", "histogram", "arrival to the final response", TIME_BUCKETS),
-    MetricSpec("disagg_phase_seconds", "histogram", "one phase on one engine, as the orchestrator saw it", TIME_BUCKETS),
+    MetricSpec(
+        "disagg_phase_seconds", "histogram", "one phase on one engine, as the orchestrator saw it", TIME_BUCKETS
+    ),
     MetricSpec("disagg_requests_total", "counter", "requests by how they ended"),
     MetricSpec("disagg_routing_decisions_total", "counter", "engines chosen, per phase and policy"),
     MetricSpec("disagg_routing_retries_total", "counter", "phase attempts retried on another engine"),
     MetricSpec("disagg_routing_local_total", "counter", "requests served without the context hop, by reason"),
     MetricSpec("disagg_routing_disaggregated_total", "counter", "requests served by a context and a generation engine"),
     MetricSpec("disagg_orchestrator_migrations_total", "counter", "requests moved off a generation engine mid-stream"),
-    MetricSpec("disagg_orchestrator_stops_total", "counter", "stop=true requests: where handled, whether the id was in flight there"),
-    MetricSpec("disagg_orchestrator_rejected_total", "counter", "requests refused for load (overloaded), by which bound"),
+    MetricSpec(
+        "disagg_orchestrator_stops_total",
+        "counter",
+        "stop=true requests: where handled, whether the id was in flight there",
+    ),
+    MetricSpec(
+        "disagg_orchestrator_rejected_total", "counter", "requests refused for load (overloaded), by which bound"
+    ),
 )
 ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_queue_seconds", "histogram", "arrival to first scheduled on the engine", TIME_BUCKETS),
@@ -60,7 +70,9 @@ ENGINE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("disagg_engine_kv_transfer_bytes", "histogram", "bytes of one KV pull", BYTE_BUCKETS),
     MetricSpec("disagg_engine_prefix_hit_blocks_total", "counter", "prompt blocks found in the prefix cache"),
     MetricSpec("disagg_engine_new_blocks_total", "counter", "prompt blocks that had to be computed or pulled"),
-    MetricSpec("disagg_engine_rejected_total", "counter", "requests refused at once (overloaded: the admission queue is full)"),
+    MetricSpec(
+        "disagg_engine_rejected_total", "counter", "requests refused at once (overloaded: the admission queue is full)"
+    ),
 )
 
 
@@ -85,7 +97,6 @@ class RequestRecord:
     last_token_ns: int
     end_ns: int
     migrations: tuple[str, ...] = ()  # the generation engines that failed mid-stream, in order
-
 
     @property
     def ttft_s(self) -> float | None:
@@ -157,7 +168,9 @@ Op = tuple[str, str, dict[str, str], float]  # (inc | observe, name, labels, val
 class Telemetry:
     """Buffers metric updates made on the request path; `flush()` sends them to the registry."""
 
-    def __init__(self, registry: Registry, request_log: Callable[[str], None] | None = None, deferred: bool = True) -> None:
+    def __init__(
+        self, registry: Registry, request_log: Callable[[str], None] | None = None, deferred: bool = True
+    ) -> None:
         """`deferred`: buffer until flush() (Triton: a background task flushes); otherwise apply at once."""
         self.registry = registry
         self.request_log = request_log
@@ -218,17 +231,27 @@ class Telemetry:
         self.inc("disagg_requests_total", {"outcome": record.outcome, "streaming": streaming})
         for engine in record.migrations:
             self.inc("disagg_orchestrator_migrations_total", {"engine": engine, "outcome": record.outcome})
-        self.observe("disagg_request_e2e_seconds", {"path": record.path or "none", "streaming": streaming}, record.e2e_s)
+        self.observe(
+            "disagg_request_e2e_seconds", {"path": record.path or "none", "streaming": streaming}, record.e2e_s
+        )
         first_engine = record.context_engine or record.generation_engine
         if record.ttft_s is not None:
             labels = {"path": record.path or "none", "engine": first_engine or "none", "streaming": streaming}
             self.observe("disagg_request_ttft_seconds", labels, record.ttft_s)
         if record.tpot_s is not None:
-            self.observe("disagg_request_tpot_seconds", {"engine": record.generation_engine or "none", "streaming": streaming}, record.tpot_s)
+            self.observe(
+                "disagg_request_tpot_seconds",
+                {"engine": record.generation_engine or "none", "streaming": streaming},
+                record.tpot_s,
+            )
         if record.context_s is not None:
-            self.observe("disagg_phase_seconds", {"phase": "context", "engine": record.context_engine}, record.context_s)
+            self.observe(
+                "disagg_phase_seconds", {"phase": "context", "engine": record.context_engine}, record.context_s
+            )
         if record.generation_s is not None:
             phase = "generation" if record.path == "disaggregated" else "local"
-            self.observe("disagg_phase_seconds", {"phase": phase, "engine": record.generation_engine}, record.generation_s)
+            self.observe(
+                "disagg_phase_seconds", {"phase": phase, "engine": record.generation_engine}, record.generation_s
+            )
         if self.request_log is not None:
             self.request_log(record.log_line())

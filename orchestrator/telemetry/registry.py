@@ -91,7 +91,9 @@ class TritonRegistry:
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         for spec in specs:
             if spec.kind in kinds:
-                self._families[spec.name] = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=kinds[spec.kind])
+                self._families[spec.name] = pb_utils.MetricFamily(
+                    name=spec.name, description=spec.description, kind=kinds[spec.kind]
+                )
 
     def _metric(self, name: str, labels: Labels) -> Any:
         key = (name, _key(labels))

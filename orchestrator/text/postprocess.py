@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.wire.contract import Tensors
 from orchestrator.text.detokenize import render
-from orchestrator.wire.errors import InvalidInput
 from orchestrator.text.tokenizer import Tokenizer
+from orchestrator.wire.contract import Tensors
+from orchestrator.wire.errors import InvalidInput
 
 
 def postprocess(tokenizer: Tokenizer, tensors: Tensors) -> dict[str, np.ndarray]:

@@ -15,14 +15,14 @@ tokenizer), `max_input_len` (4096 tokens), `max_output_len` (4096: largest `max_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 
+from orchestrator.text.tokenizer import Tokenizer
 from orchestrator.wire.contract import MAX_WORD_LIST_IDS, Tensors, is_stop_request, scalar
 from orchestrator.wire.errors import InvalidInput
 from orchestrator.wire.stop_condition import build_word_list
-from orchestrator.text.tokenizer import Tokenizer
 
 MAX_WORDS = 64  # per list; more is almost surely a client bug
 
@@ -40,7 +40,9 @@ class TextLimits:
                 try:
                     values[key] = int(params[key])
                 except ValueError:
-                    raise ValueError(f"preprocessing parameter '{key}' must be an integer, got {params[key]!r}") from None
+                    raise ValueError(
+                        f"preprocessing parameter '{key}' must be an integer, got {params[key]!r}"
+                    ) from None
                 if values[key] < 1:
                     raise ValueError(f"preprocessing parameter '{key}' must be >= 1, got {values[key]}")
         return cls(**values)
@@ -50,7 +52,7 @@ def _text(value: object, what: str) -> str:
     if isinstance(value, str):
         return value
     try:
-        return bytes(value).decode("utf-8")  # type: ignore[arg-type]
+        return bytes(cast(Any, value)).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{what} is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded text") from None
 
@@ -63,7 +65,9 @@ def _words(tokenizer: Tokenizer, tensors: Tensors, name: str) -> np.ndarray:
         raise InvalidInput(f"'{name}' has {len(words)} entries; at most {MAX_WORDS} are accepted")
     flat, offsets = build_word_list([tokenizer.encode(w) for w in words])
     if len(flat) > MAX_WORD_LIST_IDS:
-        raise InvalidInput(f"'{name}' encodes to {len(flat)} tokens; at most {MAX_WORD_LIST_IDS} are accepted: use shorter words")
+        raise InvalidInput(
+            f"'{name}' encodes to {len(flat)} tokens; at most {MAX_WORD_LIST_IDS} are accepted: use shorter words"
+        )
     return np.array([flat, offsets], dtype=np.int32).reshape(1, 2, -1)
 
 

@@ -240,7 +240,7 @@ class HuggingFaceTokenizer:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read tokenizer config {path!r}: {exc}") from exc
         if not isinstance(config, dict):
-            raise ValueError(f"tokenizer config {path!r} is not a JSON object")  # noqa: TRY004
+            raise ValueError(f"tokenizer config {path!r} is not a JSON object")
         return config
 
     def _resolve(self, value: Any, fallback: int) -> int:

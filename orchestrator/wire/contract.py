@@ -234,7 +234,9 @@ def parse_request(
     if not ids:
         raise InvalidInput("input_ids is empty: send at least one prompt token")
     if max_input_len is not None and len(ids) > max_input_len:
-        raise InvalidInput(f"prompt has {len(ids)} tokens, more than this engine's max_input_len={max_input_len}; shorten it")
+        raise InvalidInput(
+            f"prompt has {len(ids)} tokens, more than this engine's max_input_len={max_input_len}; shorten it"
+        )
     out_len = scalar(tensors, "request_output_len")
     if out_len is None:
         raise InvalidInput("input 'request_output_len' is required (INT32 [1, 1], tokens to generate)")
@@ -364,5 +366,5 @@ def coalesce(responses: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
     for name in _SUMMED:
         parts = [r[name] for r in responses if name in r]
         if parts:
-            out[name] = sum(np.asarray(a) for a in parts)
+            out[name] = np.sum([np.asarray(a) for a in parts], axis=0)
     return out

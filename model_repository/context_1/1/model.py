@@ -5,4 +5,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
 
-from orchestrator.stub_engine.triton_model import TritonPythonModel  # noqa: E402,F401
+from orchestrator.stub_engine.triton_model import TritonPythonModel  # noqa: F401

@@ -12,25 +12,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils
 
-from orchestrator.runtime import triton_io as io  # noqa: E402
-from orchestrator.clients.bls import BlsEngineClient  # noqa: E402
-from orchestrator.serving.config import OrchestratorConfig  # noqa: E402
-from orchestrator.wire.contract import PERF_OUTPUTS, is_stop_request, parse_request  # noqa: E402
-from orchestrator.clients.dispatch import EndpointClient, grpc_client  # noqa: E402
-from orchestrator.wire.errors import as_request_error  # noqa: E402
-from orchestrator.telemetry.gauges import StateGauges  # noqa: E402
-from orchestrator.runtime.loop_thread import LoopThread  # noqa: E402
-from orchestrator.telemetry.registry import TritonRegistry  # noqa: E402
-from orchestrator.runtime.outbox import Outbox  # noqa: E402
-from orchestrator.telemetry.recorder import SPECS, RateLimitedLog, Telemetry  # noqa: E402
-from orchestrator.serving.pipeline import Orchestrator  # noqa: E402
-from orchestrator.runtime.self_endpoint import loopback_address  # noqa: E402
-from orchestrator.serving.siblings import SiblingStops  # noqa: E402
-from orchestrator.runtime.stub_fence import StubFence  # noqa: E402
-from orchestrator.ops.supervisor import sibling_stub_deaths  # noqa: E402
-from orchestrator.runtime.watchdog import StuckExit  # noqa: E402
+from orchestrator.clients.bls import BlsEngineClient
+from orchestrator.clients.dispatch import EndpointClient, grpc_client
+from orchestrator.ops.supervisor import sibling_stub_deaths
+from orchestrator.runtime import triton_io as io
+from orchestrator.runtime.loop_thread import LoopThread
+from orchestrator.runtime.outbox import Outbox
+from orchestrator.runtime.self_endpoint import loopback_address
+from orchestrator.runtime.stub_fence import StubFence
+from orchestrator.runtime.watchdog import StuckExit
+from orchestrator.serving.config import OrchestratorConfig
+from orchestrator.serving.pipeline import Orchestrator
+from orchestrator.serving.siblings import SiblingStops
+from orchestrator.telemetry.gauges import StateGauges
+from orchestrator.telemetry.recorder import SPECS, RateLimitedLog, Telemetry
+from orchestrator.telemetry.registry import TritonRegistry
+from orchestrator.wire.contract import PERF_OUTPUTS, is_stop_request, parse_request
+from orchestrator.wire.errors import as_request_error
 
 ENGINE_OUTPUTS = (
     "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
@@ -55,13 +55,21 @@ class TritonPythonModel:
         self.telemetry = Telemetry(TritonRegistry(pb_utils, SPECS), request_log)
         self.outbox = Outbox("orchestrator-send", log=log)  # responses leave from its thread (outbox.py)
         self.orchestrator = Orchestrator(
-            config, self.client, log=log, telemetry=self.telemetry, stub_deaths=sibling_stub_deaths(),
+            config,
+            self.client,
+            log=log,
+            telemetry=self.telemetry,
+            stub_deaths=sibling_stub_deaths(),
             outbox=self.outbox,
         )  # engines whose stub died fail over at once
         if config.log_routing:
             self.orchestrator.router.listeners.append(lambda decision: log(decision.describe()))
         self.gauges = StateGauges(
-            pb_utils, "disagg_orchestrator", args["model_name"], self.orchestrator.state, also=self.telemetry.flush,
+            pb_utils,
+            "disagg_orchestrator",
+            args["model_name"],
+            self.orchestrator.state,
+            also=self.telemetry.flush,
             instance=args["model_instance_name"],
         )
         self.loop = LoopThread("orchestrator-loop")
@@ -92,7 +100,7 @@ class TritonPythonModel:
                     self.orchestrator.stop(parsed, sink)
                 else:
                     self.orchestrator.start(parsed, tensors, sink)
-            except Exception as exc:  # noqa: BLE001 - typed error for this request only
+            except Exception as exc:
                 sink.fail(as_request_error(exc))
 
     def finalize(self):

@@ -5,12 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root holds `orchestrator`
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils
 
-from orchestrator.runtime import triton_io as io  # noqa: E402
-from orchestrator.wire.errors import as_request_error  # noqa: E402
-from orchestrator.text.preprocess import TextLimits, preprocess  # noqa: E402
-from orchestrator.text.tokenizer import load_tokenizer  # noqa: E402
+from orchestrator.runtime import triton_io as io
+from orchestrator.text.preprocess import TextLimits, preprocess
+from orchestrator.text.tokenizer import load_tokenizer
+from orchestrator.wire.errors import as_request_error
 
 
 class TritonPythonModel:
@@ -25,6 +25,6 @@ class TritonPythonModel:
             try:
                 tensors = preprocess(self.tokenizer, io.request_tensors(request), self.limits)
                 responses.append(io.response(pb_utils, tensors, io.requested_outputs(request)))
-            except Exception as exc:  # noqa: BLE001 - typed error for this request only
+            except Exception as exc:
                 responses.append(io.error_response(pb_utils, as_request_error(exc)))
         return responses

@@ -10,7 +10,6 @@ never part of a served model repository.
 
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FORWARDED = (
@@ -64,9 +63,12 @@ class TritonPythonModel:
                         sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
                 request.is_cancelled()  # the stub's cleanup fence (below), before the final response
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception as exc:  # noqa: BLE001 - the reference would lose the final flag; we do not
+            except Exception as exc:
                 request.is_cancelled()
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
             # The stub drops its own reference to a finished BLS iterator later, without the GIL;
             # is_cancelled() waits on the same queue, so after it ours is the last (stub_fence.py).
             del streams

@@ -27,7 +27,10 @@ class TritonPythonModel:
             await asyncio.sleep(self.delay_s)
             ids = np.array([[[i % 500 + 1]]], dtype=np.int32)
             final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if i == count - 1 else 0
-            outputs = [pb_utils.Tensor("output_ids", ids), pb_utils.Tensor("sequence_length", np.array([[1]], dtype=np.int32))]
+            outputs = [
+                pb_utils.Tensor("output_ids", ids),
+                pb_utils.Tensor("sequence_length", np.array([[1]], dtype=np.int32)),
+            ]
             outputs = [t for t in outputs if t.name() in requested]
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=final)
 
