@@ -9,9 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py="$(./scripts/setup | tail -n 1)"
 files=(benchmarks/deployments/seed-agg4.yaml benchmarks/deployments/seed-c2g2.yaml)
 common=(--context-concurrency 1,2,4 --ttft-bound-ms 1000 --time-limit-s 150 --request-timeout-s 90)
-"$py" scripts/compare.py "${files[@]}" --isl 8192 --osl 256 --concurrency 4,16 --count 16 "${common[@]}" \
+"$(dirname "$py")/disagg" compare "${files[@]}" --isl 8192 --osl 256 --concurrency 4,16 --count 16 "${common[@]}" \
     --out benchmarks/results/seed-8192-256
-"$py" scripts/compare.py "${files[@]}" --isl 1024 --osl 1024 --concurrency 4,16 --count 16 "${common[@]}" \
+"$(dirname "$py")/disagg" compare "${files[@]}" --isl 1024 --osl 1024 --concurrency 4,16 --count 16 "${common[@]}" \
     --out benchmarks/results/seed-1024-1024
-"$py" scripts/compare.py "${files[@]}" --isl 8192 --osl 256 --rate 1,2,3 --concurrency 4,16 --count 24 \
+"$(dirname "$py")/disagg" compare "${files[@]}" --isl 8192 --osl 256 --rate 1,2,3 --concurrency 4,16 --count 24 \
     --no-phase-sweeps "${common[@]}" --out benchmarks/results/seed-8192-256-poisson

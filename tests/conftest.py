@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from scripts.launch import DEFAULT_REPOSITORY, TritonServer
+from orchestrator.tools.launch import DEFAULT_REPOSITORY, TritonServer
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from scripts.launch import TritonServer
+from orchestrator.tools.launch import TritonServer
 
 REFUSED_HTTP = {"error": "This API is restricted, expecting header 'admin-key'"}
 REFUSED_GRPC = "This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'"

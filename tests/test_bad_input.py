@@ -19,8 +19,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from orchestrator.text.tokenizer import BuiltinTokenizer
-from scripts.client import generate, grpc_inputs
-from scripts.launch import TritonServer
+from orchestrator.tools.client import generate, grpc_inputs
+from orchestrator.tools.launch import TritonServer
 
 TOK = BuiltinTokenizer()
 IDS = TOK.encode("the cat sat on the mat and the dog sat on the log")

@@ -22,7 +22,7 @@ from orchestrator.bench.stats import (
 )
 from orchestrator.bench.workload import LengthDist, Workload, words_prompt
 from orchestrator.text.tokenizer import BuiltinTokenizer
-from scripts.loadgen import check_loopback, format_table
+from orchestrator.tools.loadgen import check_loopback, format_table
 
 TOK = BuiltinTokenizer()
 
@@ -150,7 +150,7 @@ def test_summarize_rejects_bad_arguments() -> None:
 def test_json_and_csv_round_trip(tmp_path) -> None:
     one = summarize(RESULTS, 4.0, 4, "rate", 2.5)
     two = summarize(RESULTS[3:], 1.0, 4, "rate", 8)  # None fields too
-    meta = {"command": "scripts/loadgen.py --rate 2.5,8", "git_commit": None}
+    meta = {"command": "orchestrator/tools/loadgen.py --rate 2.5,8", "git_commit": None}
     write_json(tmp_path / "out.json", [one, two], {2.5: RESULTS, 8: RESULTS[3:]}, meta)
     summaries, requests, got_meta = read_json(tmp_path / "out.json")
     assert summaries == [one, two]

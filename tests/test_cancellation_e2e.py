@@ -16,9 +16,9 @@ import requests
 import tritonclient.grpc as grpcclient
 
 from orchestrator.text.tokenizer import BuiltinTokenizer
-from scripts.client import ensemble_inputs, generate, token_inputs
-from scripts.launch import TritonServer
-from scripts.metrics import held, wait_released
+from orchestrator.tools.client import ensemble_inputs, generate, token_inputs
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import held, wait_released
 
 LONG = 3000  # tokens: ~18 s of modelled decode, far longer than the release deadline
 RELEASE_S = 10.0

@@ -1,4 +1,4 @@
-"""scripts/compare.py end to end, tiny: two deployment files of 2 engines each are built,
+"""orchestrator/tools/compare.py end to end, tiny: two deployment files of 2 engines each are built,
 served on free ports, swept and torn down; the phase sweeps run; JSON, CSV and a PNG come
 out, with numbers that hold together."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib.image
 
 from orchestrator.bench.stats import read_csv
-from scripts.compare import main
-from scripts.launch import free_port
+from orchestrator.tools.compare import main
+from orchestrator.tools.launch import free_port
 
 AGG = """
 name: agg2
@@ -33,7 +33,7 @@ def test_compare_writes_json_csv_and_png(tmp_path: Path) -> None:
                "--concurrency", "1,2", "--context-concurrency", "1,2", "--count", "4", "--out", str(out)])  # fmt: skip
     assert rc == 0
     report = json.loads((out / "compare.json").read_text())
-    assert report["meta"]["command"].startswith("scripts/compare.py ") and report["meta"]["date"]
+    assert report["meta"]["command"].startswith("orchestrator/tools/compare.py ") and report["meta"]["date"]
     for name, shape in (("agg2", "agg2"), ("c1g1", "c1g1")):
         run = report["deployments"][name]
         assert run["shape"] == shape and run["engines"] == 2

@@ -1,4 +1,4 @@
-"""scripts/cpu_per_token.py: CPU time read from /proc for real processes, and one small
+"""orchestrator/tools/cpu_per_token.py: CPU time read from /proc for real processes, and one small
 measurement against a real tritonserver (every process of the token path is named)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from scripts.cpu_per_token import cpu_seconds, format_table, measure
-from scripts.launch import DEFAULT_REPOSITORY
+from orchestrator.tools.cpu_per_token import cpu_seconds, format_table, measure
+from orchestrator.tools.launch import DEFAULT_REPOSITORY
 
 
 def test_cpu_seconds_of_a_process_grow_while_it_works() -> None:

@@ -25,7 +25,7 @@ from orchestrator.ops.k8s_manifests import manifests
 from orchestrator.ops.launch_plan import launch_script
 from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.stub_engine.config import EngineConfig
-from scripts.deploy import (
+from orchestrator.tools.deploy import (
     CLUSTER_NETWORKS,
     build,
     check_manifests,
@@ -34,7 +34,7 @@ from scripts.deploy import (
     with_kv_transfer_host,
     write_manifests,
 )
-from scripts.repository import DEFAULT_REPOSITORY
+from orchestrator.tools.repository import DEFAULT_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "deployments").glob("*.yaml"))
@@ -281,7 +281,7 @@ def test_check_command_exits_2_with_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("routing:\n  context: {policy: random, kv_weight: 3}\n")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "deploy.py"), "check", str(bad)], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "disagg"), "deploy", "check", str(bad)], capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "routing.context.kv_weight: policy 'random' has no knob 'kv_weight'" in done.stderr

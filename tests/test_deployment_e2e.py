@@ -21,9 +21,9 @@ import tritonclient.grpc as grpcclient
 from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
 from orchestrator.ops.deployment import load, parse
 from orchestrator.ops.k8s_manifests import manifests
-from scripts.client import generate
-from scripts.deploy import build, deployment_secrets
-from scripts.launch import TritonServer, free_port
+from orchestrator.tools.client import generate
+from orchestrator.tools.deploy import build, deployment_secrets
+from orchestrator.tools.launch import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [f"deployment {i}: a quick brown fox jumps over the lazy dog " * (1 + i % 2) for i in range(6)]

@@ -19,11 +19,11 @@ from typing import Any, Iterator
 import pytest
 
 from orchestrator.text.detokenize import completion_text
-from scripts.client import generate
-from scripts.launch import TritonServer
-from scripts.metrics import held, samples, samples_until, total, wait_released
-from scripts.overhead import ZERO_COST
-from scripts.repository import FRONTEND_MODELS, ModelSpec, derive, set_instance_count
+from orchestrator.tools.client import generate
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import held, samples, samples_until, total, wait_released
+from orchestrator.tools.overhead import ZERO_COST
+from orchestrator.tools.repository import FRONTEND_MODELS, ModelSpec, derive, set_instance_count
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
 INSTANCES = 2
@@ -89,7 +89,9 @@ def test_streams_stay_in_order_and_exact_through_two_postprocessing_instances(se
     expected = [reference(p, max_tokens) for p in prompts]
     wrong = [p for p, (text, _), want in zip(prompts, results, expected) if text.encode() != want.encode()]
     assert wrong == []
-    assert sum(n for _, n in results) > 4 * len(prompts)  # they did stream in many pieces
+    # Every stream has pieces to keep in order: its first token leaves alone (the context
+    # phase's), later ones as the engines produce them (merged when the sender is behind).
+    assert all(n >= 2 for _, n in results)
     assert wait_released(server.metrics_url, 10) == {}
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV
-from scripts.launch import Installation, LaunchError, TritonServer, publish_admin_key
+from orchestrator.tools.launch import Installation, LaunchError, TritonServer, publish_admin_key
 
 
 class _Ok(BaseHTTPRequestHandler):

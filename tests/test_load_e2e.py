@@ -21,12 +21,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from orchestrator.text.detokenize import completion_text
-from scripts.client import ensemble_inputs, generate, token_inputs
-from scripts.launch import TritonServer
-from scripts.metrics import samples, total, wait_released
-from scripts.overhead import ZERO_COST
-from scripts.repository import FRONTEND_MODELS, ModelSpec, derive
-from scripts.soak_checks import process_rss_mib
+from orchestrator.tools.client import ensemble_inputs, generate, token_inputs
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import samples, total, wait_released
+from orchestrator.tools.overhead import ZERO_COST
+from orchestrator.tools.repository import FRONTEND_MODELS, ModelSpec, derive
+from orchestrator.tools.soak_checks import process_rss_mib
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
 MAX_IN_FLIGHT = 4

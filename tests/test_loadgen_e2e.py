@@ -9,9 +9,9 @@ import time
 import pytest
 
 from orchestrator.bench.stats import RequestResult, read_csv, read_json, write_csv, write_json
-from scripts.launch import TritonServer
-from scripts.loadgen import LengthDist, Workload, main, run_load, sweep
-from scripts.metrics import wait_released
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.loadgen import LengthDist, Workload, main, run_load, sweep
+from orchestrator.tools.metrics import wait_released
 
 WORKLOAD = Workload(LengthDist.parse("fixed:16"), LengthDist.parse("fixed:8"), seed=3)
 

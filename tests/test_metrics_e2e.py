@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from scripts.client import generate
-from scripts.launch import TritonServer
-from scripts.metrics import samples, samples_until, total, wait_released
+from orchestrator.tools.client import generate
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import samples, samples_until, total, wait_released
 
 PREFIX = "Answer from the manual, section by section, and be brief about it please. " * 6
 

@@ -1,6 +1,6 @@
 """Request migration through a real tritonserver and the client-facing ensemble.
 
-The server runs a derived repository (scripts/repository.py) whose generation engines both
+The server runs a derived repository (orchestrator/tools/repository.py) whose generation engines both
 crash mid-stream (the stub's injected fault `crash`): generation_0 after 3 generated
 tokens, generation_1 after 5. Whichever engine a streaming request meets first, 8 tokens
 take exactly one migration (3 + 5 or 5 + 3) and 12 tokens need a second one. A copy of the
@@ -25,10 +25,10 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from orchestrator.text.detokenize import completion_text
-from scripts.client import generate
-from scripts.launch import TritonServer
-from scripts.metrics import samples, samples_until, total, wait_released
-from scripts.repository import ModelSpec, derive, set_parameters, write_model
+from orchestrator.tools.client import generate
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import samples, samples_until, total, wait_released
+from orchestrator.tools.repository import ModelSpec, derive, set_parameters, write_model
 from tests.pipeline_harness import PROMPTS, TOK, client_tensors, oracle, prompt_ids
 
 CRASHES = {

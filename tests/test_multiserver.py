@@ -1,7 +1,7 @@
 """The three-server deployment on loopback: context engines, generation engines and the
 frontend (ensemble + orchestrator) on separate tritonserver processes, talking gRPC; the KV
 cache moves between the engine servers' processes. Built from `deployments/three-server.yaml`
-by `scripts/deploy.py`, as the README tells users to (only the ports are made free ones)."""
+by `orchestrator/tools/deploy.py`, as the README tells users to (only the ports are made free ones)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.ops.access import KV_SECRET_ENV
 from orchestrator.ops.deployment import parse
-from scripts.client import generate
-from scripts.deploy import deployment_secrets, on_free_ports, serve
-from scripts.launch import TritonServer
+from orchestrator.tools.client import generate
+from orchestrator.tools.deploy import deployment_secrets, on_free_ports, serve
+from orchestrator.tools.launch import TritonServer
 
 THREE_SERVER_FILE = Path(__file__).resolve().parent.parent / "deployments" / "three-server.yaml"
 

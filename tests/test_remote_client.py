@@ -20,9 +20,9 @@ import tritonclient.grpc.aio as grpcaio
 from orchestrator.clients.endpoints import RemoteEndpoint
 from orchestrator.clients.engine_client import EngineReply
 from orchestrator.clients.remote import GrpcEngineClient
+from orchestrator.tools.launch import TritonServer, free_port
 from orchestrator.wire.contract import EngineOutput
 from orchestrator.wire.errors import ErrorCode
-from scripts.launch import TritonServer, free_port
 
 T = TypeVar("T")
 PROMPT = [259, 35, 102, 295, 35, 118, 295, 284]

@@ -1,6 +1,6 @@
 """Routing through a real tritonserver: KV-aware reuse seen in the perf outputs, conditional
 disaggregation, a failing engine skipped then recovered, an unloaded engine, an engine added
-while serving. The server runs a derived repository (scripts/repository.py) with a pool
+while serving. The server runs a derived repository (orchestrator/tools/repository.py) with a pool
 file and Triton's explicit model control; what each engine served is read from Triton's
 own statistics, so the orchestrator is judged from outside."""
 
@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 import pytest
 import tritonclient.grpc as grpcclient
 
-from scripts.client import generate
-from scripts.launch import TritonServer
-from scripts.repository import ModelSpec, derive, write_model
+from orchestrator.tools.client import generate
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.repository import ModelSpec, derive, write_model
 
 ENGINES = ("context_0", "context_1", "generation_0", "generation_1")
 ORCHESTRATOR = {

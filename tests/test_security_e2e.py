@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from orchestrator.stub_engine.handoff import Handoff
 from orchestrator.stub_engine.kv_auth import KeyRing
 from orchestrator.stub_engine.transfer import TcpTransport
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.metrics import held, wait_released
+from orchestrator.tools.overhead import ZERO_COST
+from orchestrator.tools.repository import FRONTEND_MODELS, ModelSpec, derive
 from orchestrator.wire.errors import ErrorCode
-from scripts.launch import TritonServer
-from scripts.metrics import held, wait_released
-from scripts.overhead import ZERO_COST
-from scripts.repository import FRONTEND_MODELS, ModelSpec, derive
 from tests.test_bad_input import GEN, call, text_request, token_request
 
 CODES = tuple(f"{code.value}: " for code in ErrorCode)

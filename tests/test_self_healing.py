@@ -1,7 +1,7 @@
 """A python stub that dies is brought back by the launcher's supervisor (README: "When a
 python stub dies").
 
-The server is started the way the README starts it: `scripts/launch.py` (what
+The server is started the way the README starts it: `disagg serve` (what
 `./scripts/serve` runs), which runs tritonserver under explicit model control with the
 supervisor. Under a light streaming load through the ensemble over HTTP, a stub is
 SIGKILLed; then: readiness goes false and true again, requests succeed again within 30 s,
@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from orchestrator.ops.supervisor import find_stubs
-from scripts.launch import REPO_ROOT, free_port
+from orchestrator.tools.launch import free_port
 
 RECOVERY_S = 30.0  # the task's bound: requests succeed again within 30 s of the kill
 READ_TIMEOUT_S = 15.0  # a client's own timeout: the only way out of a stranded request
@@ -81,7 +81,7 @@ def launched(tmp_path: Path) -> Iterator[Launched]:
     http, grpc, metrics = free_port(), free_port(), free_port()
     out = open(log, "wb")
     proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "scripts" / "launch.py"), "--http-port", str(http), "--grpc-port", str(grpc),
+        [str(Path(sys.executable).parent / "disagg"), "serve", "--http-port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics), "--admin-key-file", str(key_file)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

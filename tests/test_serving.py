@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.text.detokenize import completion_text
 from orchestrator.text.tokenizer import BuiltinTokenizer
-from scripts.client import Delta, generate, grpc_inputs
-from scripts.launch import TritonServer
+from orchestrator.tools.client import Delta, generate, grpc_inputs
+from orchestrator.tools.launch import TritonServer
 
 PROMPTS = {
     "ascii": "the cat sat on the mat and the dog sat on the log",
@@ -259,12 +259,15 @@ def test_client_script_streams_the_completion(server: TritonServer) -> None:
 
     prompt = PROMPTS["emoji"]
     run = subprocess.run(
-        [sys.executable, "scripts/client.py", prompt, "--max-tokens", "12", "--url", server.grpc_url],
+        [sys.executable, "orchestrator/tools/client.py", prompt, "--max-tokens", "12", "--url", server.grpc_url],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert run.stdout == single_text(server, prompt, 12, exclude_input_in_output=True) + "\n"
     bad = subprocess.run(
-        [sys.executable, "scripts/client.py", "", "--url", server.grpc_url], capture_output=True, text=True, timeout=60
+        [sys.executable, "orchestrator/tools/client.py", "", "--url", server.grpc_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 1 and "INVALID_ARG: 'text_input' is empty" in bad.stderr
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.client import generate
-from scripts.launch import TritonServer
-from scripts.repository import FRONTEND_MODELS, ModelSpec, derive
+from orchestrator.tools.client import generate
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.repository import FRONTEND_MODELS, ModelSpec, derive
 
 ENGINES = ("context_0", "context_1", "generation_0", "generation_1")
 

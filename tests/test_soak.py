@@ -1,5 +1,5 @@
 """The CI soak: ~1000 mixed requests with stops and injected engine faults through a real
-tritonserver (scripts/soak.py), then every check of the soak must hold. The small tests
+tritonserver (orchestrator/tools/soak.py), then every check of the soak must hold. The small tests
 below it show that those checks do fail on what they look for, without a server."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from scripts.soak import run_soak
-from scripts.soak_checks import Outcome, check_outcomes, expected_gauges, references, wait_gauges_zero
-from scripts.soak_plan import Plan
+from orchestrator.tools.soak import run_soak
+from orchestrator.tools.soak_checks import Outcome, check_outcomes, expected_gauges, references, wait_gauges_zero
+from orchestrator.tools.soak_plan import Plan
 
 
 @pytest.mark.timeout(300)

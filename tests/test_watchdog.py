@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from scripts.launch import REPO_ROOT
+from orchestrator.tools.launch import REPO_ROOT
 
 _PROGRAM = r"""
 import asyncio, sys, time

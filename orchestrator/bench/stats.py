@@ -1,6 +1,6 @@
 """Benchmark statistics: per-request timings in, one summary per load level out.
 
-The load generator (`scripts/loadgen.py`) records each request as a `RequestResult`;
+The load generator (`orchestrator/tools/loadgen.py`) records each request as a `RequestResult`;
 `summarize` turns one load level's results into a `Summary`; `write_json` / `write_csv`
 store a sweep. Pure logic (no Triton), so every number here is tested on fixed inputs.
 

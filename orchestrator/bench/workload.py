@@ -1,6 +1,6 @@
 """Benchmark workloads: prompt and output lengths, shared prefixes, exact token counts.
 
-Pure logic (no Triton): the load generator (scripts/loadgen.py) draws its requests from a
+Pure logic (no Triton): the load generator (orchestrator/tools/loadgen.py) draws its requests from a
 `Workload`; the same seed always gives the same prompts.
 """
 

@@ -18,7 +18,7 @@ restricted, expecting header 'triton-grpc-protocol-admin-key'`.
 
 The secrets travel as environment variables: `DISAGG_ADMIN_KEY` (the admin key) and
 `DISAGG_KV_SECRET` (signs KV handoffs between engines; every server of a deployment needs
-the same value, see scripts/deploy.py and orchestrator/ops/k8s_manifests.py).
+the same value, see `disagg deploy` (orchestrator/tools/deploy.py) and orchestrator/ops/k8s_manifests.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One deployment file, parsed once and validated: pools, engines, routing, servers.
 
 The file (YAML; format in the README, examples in `deployments/`) names everything that
-varies between deployments; `scripts/deploy.py` turns a `Deployment` into model
+varies between deployments; `disagg deploy` (orchestrator/tools/deploy.py) turns a `Deployment` into model
 repositories, launch commands and Kubernetes manifests. Every check runs here, before a
 file is written, because mistakes in a disaggregated layout otherwise surface as hangs:
 

@@ -3,7 +3,7 @@ one Secret.
 
 The ConfigMap carries the deployment file itself, with each server's host replaced by its
 Service name, so every pod builds its own model repository at start-up
-(`scripts/deploy.py build --server NAME`) from the same file the user wrote; nothing is
+(`disagg deploy build --server NAME`) from the same file the user wrote; nothing is
 generated twice or copied by hand. Pods are ready when Triton's `/v2/health/ready` says
 so (every model loaded). The frontend is alive while a one-token request through the
 ensemble succeeds (Triton's own liveness stays green when a python stub has died);
@@ -97,7 +97,7 @@ def manifests(d: Deployment, file_text: str, secrets: Mapping[str, str] | None =
         name = service_name(d, server.name)
         selector = {**labels, "app.kubernetes.io/name": name}
         build = (
-            f"python3 {k.project_dir}/scripts/deploy.py build {CONFIG_PATH}/deployment.yaml "
+            f"PYTHONPATH={k.project_dir} python3 -m orchestrator.tools.deploy build {CONFIG_PATH}/deployment.yaml "
             f'--server {server.name} --kv-transfer-host "$POD_IP" --out /models '
             f"&& exec bash /models/launch-{server.name}.sh"
         )

@@ -1,0 +1,17 @@
+"""Disaggregated LLM serving on Triton: the library behind every model in model_repository/.
+
+Layers, bottom to top; a module imports only from its own layer or the ones below
+(tests/test_layers.py checks it):
+
+    wire         the tensor contract, errors, parameters, stop conditions, KV block hashes
+    text         tokenizers, streaming detokenization, pre/postprocessing
+    telemetry    metric registry, per-request measures, holding gauges
+    runtime      living inside Triton's python backend (tensors in/out, loops, sender thread)
+    clients      reaching engines: BLS, loopback or remote gRPC
+    routing      policies, pools, circuit breakers, prefix prediction
+    serving      the orchestrator's request flow        | stub_engine  the stub engine
+    ops, bench   deployment files, launch, access, supervisor | benchmark maths
+    tools        the `disagg` command: launcher, client, deploy, benchmarks, soak
+
+`serving` and `stub_engine` sit side by side and never import each other.
+"""

@@ -1,0 +1,4 @@
+"""Text: tokenizers, exact streaming detokenization, pre- and postprocessing logic.
+
+May import: wire.
+"""

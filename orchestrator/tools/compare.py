@@ -1,0 +1,213 @@
+"""Aggregated vs disaggregated at equal engine count, and rate matching, in one command.
+
+    disagg compare deployments/aggregated.yaml deployments/default.yaml \\
+        --isl 1024 --osl 128 --concurrency 1,4,16 --count 48 --out bench/compare
+
+For each deployment file: build its repositories (orchestrator/tools/deploy.py), start its servers on
+free loopback ports, run a closed-loop concurrency sweep through the ensemble (gRPC
+streaming, the same prompts for every deployment), stop the servers. Throughput per engine
+divides by every engine of the deployment.
+
+Then the phase sweeps of rate matching (unless --no-phase-sweeps), on one engine of each
+phase of the first disaggregated deployment, with its stub knobs:
+- context-only: `context_only` requests straight to a context engine (one output token),
+  closed loop at --context-concurrency; each KV lease is dropped at once (request
+  parameter fault=drop_lease), as no generation engine will pull it. Capacity: the best
+  requests/s whose TTFT p50 stays within --ttft-bound-ms.
+- generation-only: whole requests to an engine with the generation pool's knobs but free
+  prefill (prefill_us_per_token=0), so what is measured is decoding at each concurrency:
+  tokens/s and tokens/s per user.
+`orchestrator.bench.rate_matching` combines them into the best c:g for up to as many engines as
+the deployments have, and the Pareto frontier.
+
+Writes OUT/compare.json (everything), OUT/<deployment>.csv (one row per concurrency),
+OUT/compare.png (both deployments' curves and the rate-matched points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+from contextlib import ExitStack
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto
+from orchestrator.bench.stats import Summary, write_csv
+from orchestrator.bench.workload import LengthDist, Workload
+from orchestrator.ops.deployment import Deployment, Pool, load
+from orchestrator.tools.deploy import on_free_ports, serve
+from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.loadgen import format_table, run_load, run_meta, sweep
+from orchestrator.tools.overhead import TokenConnection
+from orchestrator.tools.plots import plot_compare
+from orchestrator.tools.repository import ModelSpec, write_model
+
+
+def engine_count(d: Deployment) -> int:
+    return sum(p.engines for p in d.pools)
+
+
+def shape(d: Deployment) -> str:
+    context, generation = d.pool("context"), d.pool("generation")
+    assert generation is not None
+    return f"agg{generation.engines}" if context is None else f"c{context.engines}g{generation.engines}"
+
+
+def end_to_end(
+    d: Deployment, workload: Workload, loads: Sequence[float], count: int, time_limit_s: float,
+    request_timeout_s: float = 120.0, mode: str = "concurrency",
+) -> list[Summary]:  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=f"compare-{d.name}-") as tmp, ExitStack() as stack:
+        free = on_free_ports(d)
+        frontend = serve(free, Path(tmp), stack)[free.frontend]
+        summaries, _ = sweep(
+            frontend.grpc_url, workload, loads, mode, count=count, time_limit_s=time_limit_s,
+            engines=engine_count(d), progress=sys.stderr.isatty(), request_timeout_s=request_timeout_s,
+        )  # fmt: skip
+    return summaries
+
+
+def _probe_repository(dest: Path, context: Pool, generation: Pool) -> Path:
+    write_model(dest, "context_0", ModelSpec("context_0", context.stub))
+    write_model(dest, "generation_probe", ModelSpec("generation_0", {**generation.stub, "prefill_us_per_token": "0"}))
+    return dest
+
+
+def phase_sweeps(
+    d: Deployment, workload: Workload, context_loads: Sequence[int], generation_loads: Sequence[int], count: int,
+    time_limit_s: float,
+) -> tuple[list[ContextPoint], list[GenerationPoint], dict[str, Any]]:  # fmt: skip
+    context, generation = d.pool("context"), d.pool("generation")
+    assert context is not None and generation is not None
+    raw: dict[str, Any] = {"context": [], "generation": []}
+    ctx_points: list[ContextPoint] = []
+    gen_points: list[GenerationPoint] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="phases-") as tmp,
+        TritonServer(model_repository=_probe_repository(Path(tmp), context, generation)) as srv,
+    ):
+
+        def measure(model: str, params: dict[str, str] | None, osl: int, k: int) -> Summary:
+            wl = replace(workload, osl=LengthDist.parse(f"fixed:{osl}")) if osl else workload
+
+            def connector(abort: threading.Event, timeout_s: float) -> TokenConnection:
+                return TokenConnection(srv.grpc_url, model, abort, timeout_s, params)
+
+            _, summary = run_load(srv.grpc_url, wl, concurrency=k, count=max(count, 2 * k), time_limit_s=time_limit_s,
+                                  connector=connector, salt=f"{model}:{k}")  # fmt: skip
+            return summary
+
+        for k in context_loads:
+            s = measure("context_0", {"request_type": "context_only", "fault": "drop_lease"}, 1, k)
+            raw["context"].append(s.as_dict())
+            if s.ok and s.ttft_p50_s is not None:
+                ctx_points.append(ContextPoint(k, s.requests_per_s, s.ttft_p50_s))
+        for k in generation_loads:
+            s = measure("generation_probe", None, 0, k)
+            raw["generation"].append(s.as_dict())
+            if s.ok and s.tokens_per_s_per_user is not None:
+                gen_points.append(GenerationPoint(k, s.output_tokens_per_s, s.tokens_per_s_per_user))
+    return ctx_points, gen_points, raw
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("deployments", nargs="+", type=Path, help="deployment files (same engine count)")
+    parser.add_argument("--isl", default="fixed:1024", help="input length: N, fixed:N, uniform:A:B, normal:MEAN:STD")
+    parser.add_argument("--osl", default="fixed:128", help="output length, as --isl")
+    parser.add_argument(
+        "--concurrency", default="1,4,16", help="closed-loop levels, comma-separated (also the generation-only sweep's)"
+    )
+    parser.add_argument(
+        "--rate", default="", help="open-loop Poisson rates (requests/s) for the end-to-end runs instead"
+    )
+    parser.add_argument("--context-concurrency", default="1,2,4,8")
+    parser.add_argument(
+        "--count", type=int, default=48, help="requests per level (at least 2x the level in phase sweeps)"
+    )
+    parser.add_argument("--time-limit-s", type=float, default=120.0, help="per level")
+    parser.add_argument("--ttft-bound-ms", type=float, default=1000.0, help="context capacity: TTFT p50 within this")
+    parser.add_argument(
+        "--request-timeout-s", type=float, default=120.0, help="a request unanswered this long counts as an error"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-phase-sweeps", action="store_true")
+    parser.add_argument(
+        "--engines-over", choices=("bls", "grpc"), help="override every deployment's orchestrator.engines_over"
+    )
+    parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    deployments = [load(p) for p in args.deployments]
+    if args.engines_over:
+        deployments = [replace(d, engines_over=args.engines_over) for d in deployments]
+    counts = {d.name: engine_count(d) for d in deployments}
+    if len(set(counts.values())) > 1 and not args.allow_unequal:
+        print(
+            f"error: engine counts differ {counts}: a fair comparison uses the same number (or --allow-unequal)",
+            file=sys.stderr,
+        )
+        return 2
+
+    def dist(text: str) -> LengthDist:
+        return LengthDist.parse(text if ":" in text else f"fixed:{text}")
+
+    workload = Workload(dist(args.isl), dist(args.osl), seed=args.seed)
+    loads = _ints(args.concurrency)
+    mode, e2e_loads = (
+        ("rate", [float(x) for x in args.rate.split(",") if x.strip()]) if args.rate else ("concurrency", loads)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "meta": run_meta(sys.argv[1:] if argv is None else list(argv), "orchestrator/tools/compare.py"),
+        "workload": workload.describe(),
+        "mode": mode,
+        "engines_over": [d.engines_over for d in deployments],
+        "deployments": {},
+    }
+    for d in deployments:
+        print(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)", flush=True)
+        summaries = end_to_end(d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode)
+        print(format_table(summaries), flush=True)
+        report["deployments"][d.name] = {
+            "shape": shape(d),
+            "engines": engine_count(d),
+            "summaries": [s.as_dict() for s in summaries],
+        }
+        write_csv(args.out / f"{d.name}.csv", summaries)
+    disagg = next((d for d in deployments if d.pool("context") is not None), None)
+    if disagg is not None and not args.no_phase_sweeps:
+        print("== phase sweeps (rate matching)", flush=True)
+        ctx, gen, raw = phase_sweeps(
+            disagg, workload, _ints(args.context_concurrency), loads, args.count, args.time_limit_s
+        )
+        osl = max(1, round(workload.osl.expected))
+        capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
+        points = best_ratios(capacity, gen, osl, max(counts.values())) if capacity > 0 else []
+        report["rate_matching"] = {
+            "ttft_bound_ms": args.ttft_bound_ms, "context_requests_per_s": capacity, "osl": osl,
+            "context_points": [asdict(p) for p in ctx], "generation_points": [asdict(p) for p in gen],
+            "points": [{**asdict(p), "label": p.label} for p in points],
+            "pareto": [{**asdict(p), "label": p.label} for p in pareto(points)], "raw": raw,
+        }  # fmt: skip
+        for p in points:
+            print(f"  k={p.concurrency:3d} best {p.label}: {p.tokens_per_s_per_engine:8.1f} tok/s/engine "
+                  f"{p.tokens_per_s_per_user:7.1f} tok/s/user (limited by {p.bottleneck})")  # fmt: skip
+    (args.out / "compare.json").write_text(json.dumps(report, indent=2))
+    plot_compare(report, args.out / "compare.png")
+    print(f"wrote {args.out}/compare.json, compare.png and one CSV per deployment")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""Benchmark load generator: sweep the ensemble at fixed concurrencies or request rates.
+
+    orchestrator/tools/loadgen.py --url 127.0.0.1:8001 (--concurrency 1,16,64 | --rate 2,4,8) --isl fixed:128 \
+        --osl fixed:64 [--count 200] [--time-limit 60] [--engines 4] [--json out.json] [--csv out.csv]
+
+Load modes (one load level at a time; `sweep` runs them in order):
+
+- closed loop, `concurrency=N`: N workers, each sends its next request when its previous
+  one ended, so at most N are in flight (the classic "users" model);
+- open loop, `rate=R`: requests arrive as a Poisson process of R requests/s (exponential
+  gaps from a seeded RNG) whatever the server does, so queueing shows up in TTFT. Workers
+  are added as arrivals need them, up to `max_in_flight` (a safety cap: at the cap the
+  next arrival waits for a free slot and the schedule catches up after).
+
+Both stop sending at `count` requests or `time_limit_s`, whichever comes first, then wait
+up to `drain_timeout_s` for the requests in flight; those still open are stopped
+(`stop=true`) and reported as errors. Throughput is over first send -> last completion.
+
+Each worker owns one connection carrying one request at a time: a gRPC stream
+(`start_stream`; its errors carry no request id, so one request per stream is what lets an
+error be attributed) or an HTTP session on `generate_stream` (server-sent events).
+
+Requests: the prompt has exactly `isl` tokens for the built-in tokenizer (each word of
+`WORDS` with a leading space is one token, and such words never merge); with
+`shared_prefix_tokens` every prompt starts with the same words. Each load level draws
+prompts of its own (a repeated prompt would hit the prefix cache), deterministic for the
+seed; a second run with the same seed against the same server repeats them. Sent with
+`max_tokens=osl`, `end_id=-1` (no end token: exactly osl tokens come back),
+`exclude_input_in_output` and `return_num_output_tokens`. The server's
+`num_output_tokens` is cumulative (tokens generated so far), so a response carries the
+difference from the previous one. The generator talks to loopback only unless
+`allow_remote`: it is a load generator, not a probe of other hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import os
+import platform
+import queue
+import random
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
+
+from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json
+from orchestrator.bench.workload import LengthDist, RequestSpec, Workload
+from orchestrator.tools.load_connections import PROTOCOLS, Connection, connect
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_LOOPBACK_NAMES = ("localhost",)
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def host_of(url: str) -> str:
+    """The host of `host:port`, `[::1]:port` or `scheme://host:port`."""
+    parts = urlsplit(url if "://" in url else "//" + url)
+    if not parts.hostname:
+        raise ValueError(f"cannot find a host in url {url!r}: use host:port")
+    return parts.hostname
+
+
+def check_loopback(url: str, allow_remote: bool = False) -> None:
+    """Refuse a non-loopback server unless asked: a load generator must not hit hosts by accident."""
+    if allow_remote:
+        return
+    host = host_of(url)
+    if host in _LOOPBACK_NAMES:
+        return
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    raise ValueError(f"{url!r} is not on loopback (127.0.0.1, localhost, ::1); pass allow_remote / --allow-remote")
+
+
+# --------------------------------------------------------------------------- one load level
+
+
+class _Run:
+    """What the threads of one load level share: the request source, results, the bounds."""
+
+    def __init__(self, workload: Workload, salt: str, count: int, time_limit_s: float | None) -> None:
+        self.lock = threading.Lock()
+        self.abort = threading.Event()
+        self._specs = workload.requests(salt)
+        self._count = count
+        self.sent = 0
+        self.done = 0
+        self.errors = 0
+        self.results: list[tuple[int, RequestResult]] = []
+        self.started = time.monotonic()
+        self.send_deadline = self.started + time_limit_s if time_limit_s else float("inf")
+        self.tag = uuid.uuid4().hex[:8]
+
+    def take(self) -> tuple[str, int, RequestSpec] | None:
+        """The next request to send, or None once `count` is reached or the time is up."""
+        with self.lock:
+            if self.abort.is_set() or self.sent >= self._count or time.monotonic() >= self.send_deadline:
+                return None
+            index = self.sent
+            self.sent += 1
+            return f"lg-{self.tag}-{index}", index, next(self._specs)
+
+    def record(self, index: int, result: RequestResult) -> None:
+        with self.lock:
+            self.results.append((index, result))
+            self.done += 1
+            self.errors += not result.ok
+
+    def ordered(self) -> list[RequestResult]:
+        with self.lock:
+            return [r for _, r in sorted(self.results, key=lambda item: item[0])]
+
+
+Job = tuple[str, int, RequestSpec]
+
+
+def _worker(
+    run: _Run, conn: Connection, take: Callable[[], Job | None], stream: bool, done: Callable[[], None]
+) -> None:
+    try:
+        while (job := take()) is not None:
+            request_id, index, spec = job
+            run.record(index, conn.send(request_id, spec, stream))
+            done()
+    finally:
+        conn.close()
+
+
+class _Progress:
+    """One self-overwriting status line on stderr (no dependency, nothing when off)."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled, self.label, self._last = enabled, label, 0.0
+
+    def show(self, run: _Run, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.25):
+            return
+        self._last = now
+        line = (
+            f"\r{self.label}: {run.done}/{run.sent} done, {run.errors} errors, "
+            f"{run.sent - run.done} in flight, {now - run.started:.1f}s"
+        )
+        sys.stderr.write(line.ljust(78))
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _drain(
+    run: _Run, threads: list[threading.Thread], conns: list[Connection], timeout_s: float, progress: _Progress
+) -> None:
+    """Wait for the workers; past `timeout_s` abort the open requests (they become errors)."""
+    deadline = time.monotonic() + timeout_s
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        for t in threads:
+            t.join(timeout=0.1)
+        progress.show(run)
+    if any(t.is_alive() for t in threads):
+        run.abort.set()
+        for conn in conns:
+            conn.interrupt()
+        for t in threads:
+            t.join(timeout=30.0)
+
+
+def _nothing() -> None:
+    """A closed-loop worker has no slot to give back."""
+
+
+def _closed_loop(run: _Run, concurrency: int, make_conn: Callable[[], Connection], stream: bool,
+                 drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
+    conns = [make_conn() for _ in range(concurrency)]
+    threads = [
+        threading.Thread(target=_worker, args=(run, c, run.take, stream, _nothing), daemon=True, name=f"loadgen-{i}")
+        for i, c in enumerate(conns)
+    ]
+    for t in threads:
+        t.start()
+    # Sending ends by itself (count or deadline); the drain clock starts at the deadline.
+    while any(t.is_alive() for t in threads) and time.monotonic() < run.send_deadline:
+        time.sleep(0.1)
+        progress.show(run)
+    _drain(run, threads, conns, drain_timeout_s, progress)
+
+
+def _sleep_until(at: float, run: _Run, progress: _Progress) -> bool:
+    """Sleep until the arrival time `at`; False if sending ended first."""
+    while (wait := at - time.monotonic()) > 0:
+        if time.monotonic() >= run.send_deadline:
+            return False
+        time.sleep(min(wait, 0.1))
+        progress.show(run)
+    return time.monotonic() < run.send_deadline
+
+
+def _acquire(slots: threading.Semaphore, run: _Run, progress: _Progress) -> bool:
+    """A slot under the in-flight cap; False if sending ended while waiting at the cap."""
+    while not slots.acquire(timeout=0.1):
+        progress.show(run)
+        if time.monotonic() >= run.send_deadline:
+            return False
+    return True
+
+
+def _open_loop(run: _Run, rate: float, seed: int, max_in_flight: int, make_conn: Callable[[], Connection],
+               stream: bool, drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
+    """Poisson arrivals; a worker per request in flight (added on demand, kept for reuse)."""
+    arrivals = random.Random(f"arrivals:{seed}")
+    jobs: queue.Queue[Job | None] = queue.Queue()
+    slots = threading.Semaphore(max_in_flight)
+    in_flight = 0
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+    conns: list[Connection] = []
+
+    def finished() -> None:
+        nonlocal in_flight
+        with lock:
+            in_flight -= 1
+        slots.release()
+
+    next_at = time.monotonic()
+    while _sleep_until(next_at, run, progress) and _acquire(slots, run, progress):
+        job = run.take()
+        if job is None:
+            slots.release()
+            break
+        with lock:
+            in_flight += 1
+            grow = in_flight > len(threads)
+        if grow:  # every queued or running job must have a worker of its own
+            conn = make_conn()
+            name = f"loadgen-{len(threads)}"
+            args = (run, conn, jobs.get, stream, finished)
+            thread = threading.Thread(target=_worker, args=args, daemon=True, name=name)
+            conns.append(conn)
+            threads.append(thread)
+            thread.start()
+        jobs.put(job)
+        next_at += arrivals.expovariate(rate)
+    for _ in threads:
+        jobs.put(None)
+    _drain(run, threads, conns, drain_timeout_s, progress)
+
+
+def run_load(
+    url: str,
+    workload: Workload,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    count: int,
+    time_limit_s: float | None,
+    stream: bool = True,
+    protocol: str = "grpc",
+    model: str = "ensemble",
+    engines: int = 1,
+    progress: bool = False,
+    max_in_flight: int = 1024,
+    drain_timeout_s: float = 60.0,
+    request_timeout_s: float = 300.0,
+    allow_remote: bool = False,
+    salt: str | None = None,
+    connector: Callable[[threading.Event, float], Connection] | None = None,
+) -> tuple[list[RequestResult], Summary]:
+    """One load level: closed loop at `concurrency` or open loop at `rate` requests/s.
+
+    The prompts are the workload's for `salt`, by default one per mode and load, so every
+    level of a sweep sends prompts of its own (see `Workload.requests`). `connector(abort,
+    request_timeout_s)` makes each worker's connection instead of `protocol`'s (other
+    contracts, e.g. token-level models in orchestrator/tools/overhead.py).
+    """
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if engines < 1:
+        raise ValueError(f"engines must be >= 1 (every engine of the deployment), got {engines}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
+    check_loopback(url, allow_remote)
+    mode, load = ("concurrency", concurrency) if concurrency is not None else ("rate", rate)
+    assert load is not None
+    run = _Run(workload, f"{mode}:{load_key(load)}" if salt is None else salt, count, time_limit_s)
+    bar = _Progress(progress, f"{mode} {load:g}")
+
+    def make_conn() -> Connection:
+        if connector is not None:
+            return connector(run.abort, request_timeout_s)
+        return connect(protocol, url, model, run.abort, request_timeout_s)
+
+    if concurrency is not None:
+        _closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
+    else:
+        _open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
+    bar.show(run, force=True)
+    bar.end()
+    results = run.ordered()
+    if results:
+        first = min(r.start_s for r in results)
+        duration = max(r.start_s + r.e2e_s for r in results) - first
+    else:
+        duration = time.monotonic() - run.started
+    return results, summarize(results, max(duration, 1e-9), engines, mode, load)
+
+
+def sweep(
+    url: str, workload: Workload, loads: Sequence[float], mode: str, **options: Any
+) -> tuple[list[Summary], dict[float, list[RequestResult]]]:
+    """`run_load` at each load in order (`mode`: "concurrency" or "rate"); options as there."""
+    if mode not in ("concurrency", "rate"):
+        raise ValueError(f"mode {mode!r} is unknown: use 'concurrency' or 'rate'")
+    if len(set(loads)) != len(loads):
+        raise ValueError(f"loads must be distinct, got {list(loads)}")
+    summaries: list[Summary] = []
+    results: dict[float, list[RequestResult]] = {}
+    for load in loads:
+        kwargs: dict[str, Any] = {mode: load, **options}
+        rs, summary = run_load(url, workload, **kwargs)
+        summaries.append(summary)
+        results[load] = rs
+    return summaries, results
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+TABLE_COLUMNS = (
+    "load", "req/s", "out tok/s", "tok/s/user", "tok/s/engine", "TTFT p50", "TTFT p99",
+    "ITL p50", "ITL p99", "E2E p50", "E2E p99", "errors",
+)  # fmt: skip
+
+
+def format_table(summaries: Sequence[Summary]) -> str:
+    """One row per load level; latencies in ms."""
+    rows = [list(TABLE_COLUMNS)]
+    for s in summaries:
+        rows.append([
+            f"{s.load:g}", _num(s.requests_per_s, 2), _num(s.output_tokens_per_s), _num(s.tokens_per_s_per_user),
+            _num(s.output_tokens_per_s_per_engine), _ms(s.ttft_p50_s), _ms(s.ttft_p99_s), _ms(s.itl_p50_s),
+            _ms(s.itl_p99_s), _ms(s.e2e_p50_s), _ms(s.e2e_p99_s), f"{s.errors}/{s.count}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    mode = summaries[0].mode if summaries else "load"
+    return f"({mode}; latencies in ms)\n" + "\n".join(lines)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_meta(argv: Sequence[str], script: str = "orchestrator/tools/loadgen.py", **extra: Any) -> dict[str, Any]:
+    """What a reader of the JSON needs to reproduce the run."""
+    return {
+        "command": shlex.join([script, *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "git_commit": _git_commit(),
+        **extra,
+    }
+
+
+def _loads(text: str, kind: type) -> list[Any]:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="server host:port (the HTTP port with --protocol http)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    parser.add_argument("--model", default="ensemble")
+    loads = parser.add_mutually_exclusive_group(required=True)
+    loads.add_argument("--concurrency", type=lambda t: _loads(t, int), help="closed loop: e.g. 1,16,64")
+    loads.add_argument("--rate", type=lambda t: _loads(t, float), help="open loop, requests/s: e.g. 2,4,8")
+    parser.add_argument("--isl", type=LengthDist.parse, default=LengthDist.parse("fixed:128"),
+                        help="prompt tokens: fixed:N, uniform:LOW:HIGH, normal:MEAN:STD")  # fmt: skip
+    parser.add_argument("--osl", type=LengthDist.parse, default=LengthDist.parse("fixed:128"), help="output tokens")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=200, help="requests per load level (at most)")
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds of sending per load level (0: none)")
+    parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for requests in flight")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    parser.add_argument("--max-in-flight", type=int, default=1024, help="open loop safety cap")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="engines in the deployment, for tok/s/engine (committed repository: 4)")  # fmt: skip
+    parser.add_argument("--no-stream", action="store_true", help="one response per request (TTFT = E2E)")
+    parser.add_argument("--json", type=Path, help="write summaries, per-request timings and run metadata")
+    parser.add_argument("--csv", type=Path, help="write one row per load level")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a server that is not on loopback")
+    args = parser.parse_args(argv)
+    mode = "concurrency" if args.concurrency else "rate"
+    load_list = args.concurrency or args.rate
+    try:
+        check_loopback(args.url, args.allow_remote)
+        workload = Workload(args.isl, args.osl, args.shared_prefix, args.seed)
+        summaries, results = sweep(
+            args.url, workload, load_list, mode,
+            count=args.count, time_limit_s=args.time_limit or None, stream=not args.no_stream,
+            protocol=args.protocol, model=args.model, engines=args.engines, progress=not args.quiet,
+            max_in_flight=args.max_in_flight, drain_timeout_s=args.drain_timeout,
+            request_timeout_s=args.request_timeout, allow_remote=args.allow_remote,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(summaries))
+    for summary, rs in zip(summaries, results.values()):
+        errors = sorted({r.error for r in rs if not r.ok})
+        if errors:
+            print(f"{mode} {summary.load:g}: {summary.errors} errors, e.g. {errors[0]}", file=sys.stderr)
+    meta = run_meta(
+        list(sys.argv[1:] if argv is None else argv),
+        url=args.url, protocol=args.protocol, model=args.model, mode=mode,
+        workload=workload.describe(), stream=not args.no_stream,
+    )  # fmt: skip
+    if args.json:
+        write_json(args.json, summaries, results, meta)
+    if args.csv:
+        write_csv(args.csv, summaries)
+    return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
