@@ -97,7 +97,7 @@ def test_stop_of_a_generation_request_mid_pull_frees_both_sides() -> None:
         gen = new_core("gen", transfer_us_per_token=20_000.0)  # a pull that takes a while
         _, blob = await context_blob(ctx, request(PROMPT, rid="p:ctx"))
         sink = await submit(gen, request(PROMPT, rid="p:gen", request_type=GEN_ONLY, blob=blob))
-        await wait_for(lambda: gen._pulling)
+        await wait_for(lambda: gen.queues.pulling)
         assert gen.stop("p:gen") == 1 and ctx.stop("p:ctx") == 1
         sink.assert_well_formed()
         await wait_for(lambda: not ctx.leases and not gen.active)

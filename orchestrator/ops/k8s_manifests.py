@@ -23,7 +23,7 @@ import copy
 from typing import Any, Mapping
 
 from orchestrator.ops.access import ADMIN_KEY_ENV, KV_SECRET_ENV, new_secret
-from orchestrator.ops.deployment import Deployment
+from orchestrator.ops.deployment import Deployment, Server
 
 CONFIG_PATH = "/etc/disagg"
 # Each secret's environment variable and its key in the Secret.
@@ -77,10 +77,24 @@ def _generate_probe(http_port: int) -> dict[str, Any]:
 def manifests(d: Deployment, file_text: str, secrets: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """ConfigMap, Secret, then a Deployment and a Service for each server. `secrets` maps
     DISAGG_KV_SECRET and DISAGG_ADMIN_KEY to their values; None: new random ones."""
-    k = d.kubernetes
     labels = {"app.kubernetes.io/part-of": d.name}
+    out = _shared(d, file_text, secrets, labels)
+    for server in d.servers:
+        name = service_name(d, server.name)
+        selector = {**labels, "app.kubernetes.io/name": name}
+        container = _container(d, server)
+        out.append(_deployment(d, name, selector, container))
+        out.append(_service(d, name, selector, container))
+    return out
+
+
+def _shared(
+    d: Deployment, file_text: str, secrets: Mapping[str, str] | None, labels: dict[str, str]
+) -> list[dict[str, Any]]:
+    """What every server's pod reads: the deployment file (ConfigMap) and the shared secrets."""
+    k = d.kubernetes
     values = {env: (secrets or {}).get(env) or new_secret() for env in SECRET_KEYS}
-    out: list[dict[str, Any]] = [{
+    return [{
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": f"{d.name}-deployment", "namespace": k.namespace, "labels": labels},
         "data": {"deployment.yaml": file_text},
@@ -89,65 +103,76 @@ def manifests(d: Deployment, file_text: str, secrets: Mapping[str, str] | None =
         "metadata": {"name": secret_name(d), "namespace": k.namespace, "labels": labels},
         "stringData": {key: values[env] for env, key in SECRET_KEYS.items()},
     }]  # fmt: skip
+
+
+def _container(d: Deployment, server: Server) -> dict[str, Any]:
+    """The tritonserver container of one server: builds its repository from the ConfigMap, then
+    launches; probes, ports, the secrets as environment variables, GPUs for real engines."""
+    k = d.kubernetes
     secret_env = [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": secret_name(d), "key": key}}}
         for env, key in SECRET_KEYS.items()
     ]
-    for server in d.servers:
-        name = service_name(d, server.name)
-        selector = {**labels, "app.kubernetes.io/name": name}
-        build = (
-            f"PYTHONPATH={k.project_dir} python3 -m orchestrator.tools.deploy build {CONFIG_PATH}/deployment.yaml "
-            f'--server {server.name} --kv-transfer-host "$POD_IP" --out /models '
-            f"&& exec bash /models/launch-{server.name}.sh"
-        )
-        container: dict[str, Any] = {
-            "name": "tritonserver",
-            "image": k.image,
-            "command": ["bash", "-c", build],
-            # stub engines serve KV leases on the pod's own address (known only at run time)
-            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *secret_env],
-            "ports": [
-                {"name": "http", "containerPort": server.http_port},
-                {"name": "grpc", "containerPort": server.grpc_port},
-                {"name": "metrics", "containerPort": server.metrics_port},
-            ],
-            "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
-            "livenessProbe": _generate_probe(server.http_port)
-            if server.name == d.frontend
-            else _probe("/v2/health/live", "http", 10, 3),
-            "startupProbe": _probe("/v2/health/live", "http", 10, 60),  # engines may take minutes to load
-            "volumeMounts": [
-                {"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
-                {"name": "shm", "mountPath": "/dev/shm"},
-            ],  # fmt: skip
-        }
-        gpus = _gpus(d, server.name)
-        if gpus:
-            container["resources"] = {"limits": {k.gpu_resource: gpus}}
-        out.append({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": k.namespace, "labels": selector},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": selector},
-                "template": {
-                    "metadata": {"labels": selector},
-                    "spec": {
-                        "containers": [container],
-                        "volumes": [
-                            {"name": "deployment", "configMap": {"name": f"{d.name}-deployment"}},
-                            {"name": "shm", "emptyDir": {"medium": "Memory"}},  # python backend + KV shm
-                        ],
-                    },
+    build = (
+        f"PYTHONPATH={k.project_dir} python3 -m orchestrator.tools.deploy build {CONFIG_PATH}/deployment.yaml "
+        f'--server {server.name} --kv-transfer-host "$POD_IP" --out /models '
+        f"&& exec bash /models/launch-{server.name}.sh"
+    )
+    container: dict[str, Any] = {
+        "name": "tritonserver",
+        "image": k.image,
+        "command": ["bash", "-c", build],
+        # stub engines serve KV leases on the pod's own address (known only at run time)
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *secret_env],
+        "ports": [
+            {"name": "http", "containerPort": server.http_port},
+            {"name": "grpc", "containerPort": server.grpc_port},
+            {"name": "metrics", "containerPort": server.metrics_port},
+        ],
+        "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
+        "livenessProbe": _generate_probe(server.http_port)
+        if server.name == d.frontend
+        else _probe("/v2/health/live", "http", 10, 3),
+        "startupProbe": _probe("/v2/health/live", "http", 10, 60),  # engines may take minutes to load
+        "volumeMounts": [
+            {"name": "deployment", "mountPath": CONFIG_PATH, "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],  # fmt: skip
+    }
+    gpus = _gpus(d, server.name)
+    if gpus:
+        container["resources"] = {"limits": {k.gpu_resource: gpus}}
+    return container
+
+
+def _deployment(d: Deployment, name: str, selector: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
+    """One server's Kubernetes Deployment: one replica of its container."""
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": d.kubernetes.namespace, "labels": selector},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": selector},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "deployment", "configMap": {"name": f"{d.name}-deployment"}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory"}},  # python backend + KV shm
+                    ],
                 },
             },
-        })  # fmt: skip
-        out.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": k.namespace, "labels": selector},
-            "spec": {"selector": selector, "ports": [
-                {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in container["ports"]
-            ]},
-        })  # fmt: skip
-    return out
+        },
+    }  # fmt: skip
+
+
+def _service(d: Deployment, name: str, selector: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
+    """One server's Service: its container's ports under its stable DNS name."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": d.kubernetes.namespace, "labels": selector},
+        "spec": {"selector": selector, "ports": [
+            {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in container["ports"]
+        ]},
+    }  # fmt: skip

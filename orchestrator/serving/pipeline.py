@@ -2,7 +2,8 @@
 
 All requests run concurrently, one asyncio task each; what a request does on the engines
 (routing, the context and generation phases, retries, migration) is `orchestrator.serving.phases`.
-This module keeps the requests in flight and makes sure each one ends exactly once.
+This module makes sure each request ends exactly once and settles what it held; the table
+of requests in flight and the ways one ends early are `orchestrator.serving.in_flight`.
 
 Ending early: `stop(request_id)` (TensorRT-LLM's `stop=true`) ends a request with an empty
 final response (a stop for an id held by a sibling instance is forwarded there); a client's
@@ -22,11 +23,8 @@ request has produced and every answer to its client live in `orchestrator.servin
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -38,6 +36,7 @@ from orchestrator.serving.child_replies import PhaseFailed as _PhaseFailed
 from orchestrator.serving.child_stops import ChildStops
 from orchestrator.serving.config import OrchestratorConfig
 from orchestrator.serving.deadline import StallTimer
+from orchestrator.serving.in_flight import Entry, InFlight, ended_early
 from orchestrator.serving.membership import Membership
 from orchestrator.serving.phases import Phases
 from orchestrator.serving.progress import Progress, ResponseSink
@@ -46,23 +45,9 @@ from orchestrator.telemetry.recorder import SPECS, RequestRecord, Telemetry
 from orchestrator.telemetry.registry import MemoryRegistry
 from orchestrator.text.detokenize import DetokWindow
 from orchestrator.wire.contract import EngineRequest
-from orchestrator.wire.errors import (
-    DuplicateRequest,
-    EngineUnavailable,
-    ErrorCode,
-    InvalidInput,
-    Overloaded,
-    RequestError,
-    as_request_error,
-)
+from orchestrator.wire.errors import EngineUnavailable, ErrorCode, as_request_error
 
 Tensors = Mapping[str, np.ndarray]
-
-
-@dataclass(slots=True)
-class _InFlight:
-    task: asyncio.Task[None]
-    progress: Progress
 
 
 class Orchestrator:
@@ -86,16 +71,24 @@ class Orchestrator:
         self.log = log
         self.telemetry = telemetry or Telemetry(MemoryRegistry(SPECS), deferred=False)
         self.router.listeners.append(lambda d: self.telemetry.route(d.phase.value, d.policy, d.engine, d.attempt))
-        self.in_flight: dict[str, _InFlight] = {}
+        self.requests = InFlight(config, self.telemetry, self._record, self._release)  # by id; ending early
         self.child_stops = ChildStops(client, config.stop_timeout_s, log)
         self.child_replies = ChildReplies(client, self.child_stops, config, log)
         self.phases = Phases(config, self.router, self.child_replies, self.telemetry, log)
         self.membership = Membership(
             self.router, client, config, log, stub_deaths=stub_deaths, on_lost=self.child_replies.engine_lost
         )
-        self._watcher: asyncio.Task[None] | None = None  # polls clients' cancellation
         self._loop: asyncio.AbstractEventLoop | None = None  # where requests run (set by start)
-        self.cancelled_by_client = 0
+
+    @property
+    def in_flight(self) -> dict[str, Entry]:
+        """The requests in flight here, by id (the table `self.requests` keeps)."""
+        return self.requests.entries
+
+    @property
+    def cancelled_by_client(self) -> int:
+        """Requests ended because their client cancelled them (Triton cancellation)."""
+        return self.requests.cancelled_by_client
 
     def state(self) -> dict[str, int]:
         """What the orchestrator holds now (exported as gauges; all zero when idle and leak-free)."""
@@ -113,12 +106,7 @@ class Orchestrator:
     async def close(self) -> None:
         """Cancel what is in flight (each request ends CANCELLED, its children are stopped), stop
         the membership task, close the engine client's connections (remote engines)."""
-        tasks = [entry.task for entry in self.in_flight.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        await self.requests.close()
         await self.stops_answered()
         await self.membership.stop()
         close = getattr(self.client, "close", None)
@@ -143,32 +131,11 @@ class Orchestrator:
         loop = self._loop = asyncio.get_running_loop()
         self.membership.ensure_started()
         key = request.request_id or uuid.uuid4().hex
-        if key in self.in_flight:
-            raise DuplicateRequest(
-                f"request id '{key}' is already in flight: give every in-flight request its own id "
-                "(or none), or send stop=true with that id to end the running one"
-            )
-        limit = self.config.max_in_flight
-        if limit and len(self.in_flight) >= limit:
-            raise self._refuse(request, sink, key, limit)
+        self.requests.check(request, sink, key)
         progress = self._progress(request, sink)
         task = loop.create_task(self._serve(progress, tensors, key))
-        self.in_flight[key] = _InFlight(task, progress)
-        task.add_done_callback(functools.partial(self._task_done, key=key, p=progress))
-        if self.config.cancel_check_ms > 0 and (self._watcher is None or self._watcher.done()):
-            self._watcher = loop.create_task(self._watch_cancellations())
+        self.requests.add(key, task, progress)
         return task
-
-    def _refuse(self, request: EngineRequest, sink: ResponseSink, key: str, limit: int) -> Overloaded:
-        """The refusal of a request over `max_in_flight`, counted and logged (outcome overloaded);
-        the caller raises it. Nothing is kept: no task, no progress, no child request."""
-        now = time.time_ns()
-        p = Progress(request=request, sink=sink, detok=DetokWindow(()), arrival_ns=now, outcome="overloaded")
-        self.telemetry.rejected("overloaded", self._record(p, key))
-        return Overloaded(
-            f"this orchestrator instance already serves {len(self.in_flight)} requests (max_in_flight={limit}); "
-            "retry later, or raise the orchestrator parameter max_in_flight (each instance counts its own)"
-        )
 
     def _progress(self, request: EngineRequest, sink: ResponseSink) -> Progress:
         p = Progress(request=request, sink=sink, detok=DetokWindow(request.input_ids), arrival_ns=time.time_ns())
@@ -176,81 +143,21 @@ class Orchestrator:
             p.outbox = self.outbox.channel(p.flush)
         return p
 
-    def _task_done(self, task: asyncio.Task[None], key: str, p: Progress) -> None:
-        """Forget the request; if it never answered, answer now. A task cancelled before its
-        first step (a stop right behind its request) never ran `_serve`, so nothing else would."""
-        self.in_flight.pop(key, None)
-        if p.closed:
-            return
-        if task.cancelled():
-            self._ended_early(p, StallTimer(0))
-        else:  # _serve always answers; this is the net under a bug, never a silent hang
-            p.fail(RequestError("bug: the request ended without a response", ErrorCode.INTERNAL))
-        self._release(p)
-        self.telemetry.request_done(self._record(p, key))
-
     def stop(self, request: EngineRequest, sink: ResponseSink) -> bool:
         """TensorRT-LLM's `stop=true`: end the in-flight request with this request's id with an
         empty final response, and answer the stop request itself with one. Returns whether one
         was running here (an unknown id is not an error: that request may just have finished,
         or run on a sibling instance, which `forward_stop` then tells)."""
-        if not request.request_id:
-            raise InvalidInput("stop=true needs the id of the request to stop: send it as this request's id")
-        found = self.end(request.request_id)
-        self.telemetry.stop("here", found)
-        if not found and self.forward_stop is not None:
-            self.forward_stop(request.request_id)
-            self.telemetry.stop("forwarded", False)
-        p = Progress(request=request, sink=sink, detok=DetokWindow(()), closed=True)
-        sink.send(p.tensors((), p.detok.window((), final=True)), True)
-        return found
+        return self.requests.stop(request, sink, self.forward_stop)
 
     def end_for_sibling(self, request_id: str) -> bool:
         """A stop a sibling instance forwarded (orchestrator/serving/siblings.py)."""
-        found = self.end(request_id)
-        self.telemetry.stop("from_sibling", found)
-        return found
+        return self.requests.end_for_sibling(request_id)
 
     def end(self, request_id: str) -> bool:
         """End the in-flight request `request_id` as stopped (empty final response); a stop
         request's work, also when a sibling instance forwarded it. Returns whether it ran here."""
-        entry = self.in_flight.get(request_id)
-        if entry is None or entry.progress.closed:
-            return False
-        entry.progress.ending = "stop"
-        entry.task.cancel()
-        return True
-
-    async def _watch_cancellations(self) -> None:
-        """Poll in-flight requests' Triton cancellation while any is in flight.
-
-        Each poll is an IPC round trip from the python backend stub (measured 50-90 us), so
-        at most `cancel_checks_per_tick` requests are asked per `cancel_check_ms`, in turn:
-        with N in flight a cancellation is seen within ceil(N / that) intervals.
-        """
-        turn: deque[str] = deque()
-        while self.in_flight:
-            await asyncio.sleep(self.config.cancel_check_ms / 1e3)
-            for _ in range(min(self.config.cancel_checks_per_tick, len(self.in_flight))):
-                if not turn:
-                    turn.extend(self.in_flight)
-                entry = self.in_flight.get(turn.popleft())
-                if entry is not None:
-                    self._check_cancelled(entry)
-
-    def _check_cancelled(self, entry: _InFlight) -> None:
-        p = entry.progress
-        cancelled = getattr(p.sink, "cancelled", None)
-        if p.ending or p.closed or cancelled is None:
-            return
-        try:
-            gone = bool(cancelled())
-        except Exception:
-            gone = True
-        if gone:
-            p.ending = "client"
-            self.cancelled_by_client += 1
-            entry.task.cancel()
+        return self.requests.end(request_id)
 
     async def serve(self, request: EngineRequest, tensors: Tensors, sink: ResponseSink, key: str = "") -> None:
         """Serve one request on the caller's task (start() is the usual way); never raises."""
@@ -267,7 +174,7 @@ class Orchestrator:
             if not progress.closed:
                 progress.close()
         except asyncio.CancelledError:
-            if not self._ended_early(progress, deadline):
+            if not ended_early(progress, deadline):
                 raise  # cancelled from outside (shutdown): the task ends cancelled, as asked
         except _PhaseFailed as failure:
             error = failure.error
@@ -294,29 +201,6 @@ class Orchestrator:
             generation_sent_ns=p.generation_sent_ns, first_token_ns=p.first_token_ns, last_token_ns=p.last_token_ns,
             end_ns=time.time_ns(), migrations=tuple(p.migrations),
         )  # fmt: skip
-
-    def _ended_early(self, p: Progress, deadline: StallTimer) -> bool:
-        """The request's task was cancelled: say why in the one final response; returns whether
-        we cancelled it ourselves (stop, client cancellation, deadline)."""
-        if p.ending == "stop":
-            p.outcome = "stopped"
-            if not p.closed:
-                p.close()
-            return True
-        if deadline.fired:
-            deadline.absorb()
-            p.outcome = "timed_out"
-            p.fail(EngineUnavailable(
-                f"request timed out: no result within request_timeout_s={deadline.timeout_s:g} "
-                f"(it was in the {p.phase} phase)"
-            ))  # fmt: skip
-            return True
-        if p.ending == "client":
-            p.fail(RequestError("request cancelled by the client", ErrorCode.CANCELLED))
-            return True
-        p.outcome = "cancelled"
-        p.fail(RequestError("request cancelled: the orchestrator is shutting down", ErrorCode.CANCELLED))
-        return False
 
     def _release(self, p: Progress) -> None:
         """Stop whatever the request still holds on engines: open children, unpulled leases."""

@@ -2,9 +2,9 @@
 the transfer server that serves its own leases.
 
 Why apart from the scheduler (`core.py`): this is everything that reaches other engines
-(the deployment secret, permitted peers, sockets, shared memory). The scheduler asks it
-for three things only: a checked handoff at intake, a signed blob when a prefill ends,
-and a lease's blocks when a pull is due.
+(the deployment secret, permitted peers, sockets, shared memory). The engine asks it for
+three things only: a checked handoff at intake (`intake.py`), a signed blob when a prefill
+ends (`model_work.py`), and a lease's blocks when a pull is due (`pulls.py`).
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ def _frontend_specs(d: Deployment) -> dict[str, ModelSpec]:
 
 def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Path) -> None:
     name = pool.names[index]
-    stub_config = source / _STUB_SOURCE[pool.role]
     if pool.kind == "stub":
         model_dir = write_model(dest, name, ModelSpec(_STUB_SOURCE[pool.role], pool.stub), source)
         config = model_dir / "config.pbtxt"
@@ -68,9 +67,7 @@ def _write_engine(dest: Path, d: Deployment, pool: Pool, index: int, source: Pat
         return
     model_dir = dest / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # the backend needs a version folder, empty
-    text = tensorrt_llm_config(
-        name, pool, pool.real[index], d.tokenizer_dir, (stub_config / "config.pbtxt").read_text()
-    )
+    text = tensorrt_llm_config(name, pool, pool.real[index], d.tokenizer_dir)
     (model_dir / "config.pbtxt").write_text(text)
 
 

@@ -4,7 +4,9 @@ Engines (our stubs) and the orchestrator speak this contract (the inputs, output
 request parameters of TensorRT-LLM's `tensorrt_llm` backend; README, "The stub engines").
 Keeping the tensors <-> dataclass mapping here,
 on numpy alone, lets both sides and the tests share one parser, and keeps every `model.py`
-a thin adapter between `pb_utils.Tensor` and `dict[str, np.ndarray]`.
+a thin adapter between `pb_utils.Tensor` and `dict[str, np.ndarray]`. Which tensors exist,
+their dtypes and dims, and which of them the orchestrator forwards: the tensor table,
+orchestrator/wire/tensors.py.
 
 Scalars may arrive as [B] or [B, 1] (Python backend batching): both are accepted. One
 request carries one sequence (B == 1), as the orchestrator and TensorRT-LLM clients send.
@@ -21,6 +23,8 @@ import numpy as np
 
 from orchestrator.wire.errors import InvalidInput
 from orchestrator.wire.stop_condition import StopCondition, parse_word_list
+from orchestrator.wire.tensors import ENGINE, PERF_OUTPUTS, inputs_of
+from orchestrator.wire.tensors import FORWARDED_INPUTS as FORWARDED_INPUTS  # re-exported: phases.py, tests
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -50,18 +54,8 @@ class RequestType(str, Enum):
         )
 
 
-# Inputs the orchestrator forwards to engines unchanged (all optional in the contract).
-FORWARDED_INPUTS: tuple[str, ...] = (
-    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id",
-    "stop_words_list", "bad_words_list", "embedding_bias", "beam_width", "runtime_top_k",
-    "runtime_top_p", "temperature", "len_penalty", "repetition_penalty", "min_tokens",
-    "presence_penalty", "frequency_penalty", "seed", "num_return_sequences",
-    "return_log_probs", "return_context_logits", "return_generation_logits",
-    "return_perf_metrics", "return_num_input_tokens", "return_num_output_tokens",
-)  # fmt: skip
-
-_ROW_INPUTS = frozenset({"input_ids", "embedding_bias", "context_phase_params"})
-_WORD_LIST_INPUTS = frozenset({"stop_words_list", "bad_words_list"})
+# An engine input's shape with its batch dimension: [1, T] ids, [1, 2, N] word lists, [1, 1] scalars.
+_BATCHED_SHAPES: dict[str, tuple[int, ...]] = {t.name: (1, *t.dims) for t in inputs_of(ENGINE)}
 MAX_WORD_LIST_IDS = 4096  # token ids per stop/bad word list; more is a client bug, not a use case
 
 
@@ -87,17 +81,7 @@ def with_batch_dim(name: str, value: np.ndarray) -> np.ndarray:
     Configs reshape scalars to [] (as the real tensorrt_llm config does), so the python
     backend hands them over as [1]; a child request must still carry [1, 1].
     """
-    if name in _ROW_INPUTS:
-        return value.reshape(1, -1)
-    if name in _WORD_LIST_INPUTS:
-        return value.reshape(1, 2, -1)
-    return value.reshape(1, 1)
-
-
-PERF_OUTPUTS: tuple[str, ...] = (
-    "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
-    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
-)  # fmt: skip
+    return value.reshape(_BATCHED_SHAPES.get(name, (1, 1)))
 
 
 def scalar(tensors: Tensors, name: str, default: Any = None) -> Any:

@@ -29,13 +29,9 @@ from orchestrator.serving.siblings import SiblingStops
 from orchestrator.telemetry.gauges import StateGauges
 from orchestrator.telemetry.recorder import SPECS, RateLimitedLog, Telemetry
 from orchestrator.telemetry.registry import TritonRegistry
-from orchestrator.wire.contract import PERF_OUTPUTS, is_stop_request, parse_request
+from orchestrator.wire.contract import is_stop_request, parse_request
 from orchestrator.wire.errors import as_request_error
-
-ENGINE_OUTPUTS = (
-    "output_ids", "sequence_length", "context_phase_params", "cum_log_probs", "output_log_probs",
-    "num_input_tokens", "num_output_tokens", *PERF_OUTPUTS,
-)  # fmt: skip
+from orchestrator.wire.tensors import ENGINE_OUTPUTS  # what engines are asked for (the tensor table)
 
 FENCE_BACKLOG = 64  # finished BLS iterators held before a new request's arrival releases them
 

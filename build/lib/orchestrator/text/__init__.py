@@ -1,4 +1,0 @@
-"""Text: tokenizers, exact streaming detokenization, pre- and postprocessing logic.
-
-May import: wire.
-"""

@@ -1,0 +1,50 @@
+"""Where one engine's sequences are: queued, pulling KV, ready, running, or held by a fault.
+
+Why apart from the scheduler (`core.py`): the loop, intake and the ending of requests
+(`endings.py`) all look at the same five places; one object owns them, so "every
+sequence" and "forget the ended ones" are written once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from orchestrator.stub_engine.sequence import EngineSequence
+
+
+@dataclass(slots=True, eq=False)
+class SequenceQueues:
+    """The sequences of one engine, by where they are; every sequence is in exactly one."""
+
+    waiting: deque[EngineSequence] = field(default_factory=deque)  # queued for admission (FCFS)
+    pulling: set[EngineSequence] = field(default_factory=set)  # admitted, its KV on the way
+    ready: deque[EngineSequence] = field(default_factory=deque)  # KV arrived, waiting for a batch slot
+    running: list[EngineSequence] = field(default_factory=list)  # in the batch
+    stalled: list[EngineSequence] = field(default_factory=list)  # fault=stall: held, never answered
+
+    def all(self) -> list[EngineSequence]:
+        """Every sequence, wherever it is (a copy: ending them while iterating is fine)."""
+        return [*self.waiting, *self.pulling, *self.ready, *self.running, *self.stalled]
+
+    @property
+    def active(self) -> int:
+        """Requests not yet finished (queued, pulling, ready, running or held)."""
+        return len(self.waiting) + len(self.pulling) + len(self.ready) + len(self.running) + len(self.stalled)
+
+    def prune(self) -> None:
+        """Forget ended sequences in every queue (the running batch is also pruned each step;
+        a pulling sequence leaves `pulling` when it ends)."""
+        if any(s.done for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.done)
+        if any(s.done for s in self.ready):
+            self.ready = deque(s for s in self.ready if not s.done)
+        self.running = [s for s in self.running if not s.done]
+        self.stalled = [s for s in self.stalled if not s.done]
+
+    def clear(self) -> None:
+        """Forget everything queued, ready, running or held (shutdown, once each has ended)."""
+        self.stalled.clear()
+        self.waiting.clear()
+        self.ready.clear()
+        self.running.clear()
