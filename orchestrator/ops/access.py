@@ -8,7 +8,7 @@ chosen API groups (`--http-restricted-api`, `--grpc-restricted-protocol`), so ev
 we start does, with one key per deployment. Health, metadata, inference and statistics stay
 open: clients, load balancers, probes and the orchestrator's engine calls use only those.
 
-What Triton 2.51 does, measured (tests/test_admin_lock_e2e.py): the flag is
+What Triton 2.51 does, measured (tests/e2e/test_admin_lock_e2e.py): the flag is
 `<api>,<api>:<header>=<value>` (the value is everything after the first `=`); naming one
 API in two flags stops the server at start ("can not be specified in multiple config
 groups"). A refused HTTP call, with no key or a wrong one, is 403 `This API is restricted,

@@ -4,7 +4,7 @@ Each model's `input` and `output` blocks and the ensemble's steps come from
 orchestrator/wire/tensors.py; what is particular to one model (its header comment, backend,
 batching, instances, parameters and their comments) lives in MODELS below. Rendering
 reproduces every committed `model_repository/*/config.pbtxt` byte for byte
-(tests/test_model_configs.py), so a change to the contract is a change to the table and a
+(tests/unit/ops/test_model_configs.py), so a change to the contract is a change to the table and a
 run of
 
     python -m orchestrator.ops.model_configs --write model_repository   # rewrite the configs

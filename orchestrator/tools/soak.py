@@ -31,7 +31,7 @@ running loopback server instead; the gauges are read from `--metrics` and memory
 `--server-pid`, each check skipped when not given.
 
 The exit status is 0 only when every check passed; `run_soak()` is the same run
-in-process (the CI soak in tests/test_soak.py).
+in-process (the CI soak in tests/e2e/test_soak.py).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from orchestrator.ops.trtllm_config import tensorrt_llm_config
 from orchestrator.wire import contract, tensors
 from orchestrator.wire.tensors import ENGINE, ENSEMBLE, ORCHESTRATOR, STEPS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 REPOSITORY = ROOT / "model_repository"
 CONFIGS = {model.name: model for model in model_configs.MODELS}
 

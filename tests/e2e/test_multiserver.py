@@ -21,7 +21,7 @@ from orchestrator.tools.client import generate
 from orchestrator.tools.deploy import deployment_secrets, on_free_ports, serve
 from orchestrator.tools.launch import TritonServer
 
-THREE_SERVER_FILE = Path(__file__).resolve().parent.parent / "deployments" / "three-server.yaml"
+THREE_SERVER_FILE = Path(__file__).resolve().parents[2] / "deployments" / "three-server.yaml"
 
 PROMPTS = [f"request {i}: the cat sat on the mat and then the dog came by " * (1 + i % 3) for i in range(8)]
 

@@ -36,7 +36,7 @@ from orchestrator.tools.deploy import (
 )
 from orchestrator.tools.repository import DEFAULT_REPOSITORY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "deployments").glob("*.yaml"))
 
 REAL: dict[str, Any] = {

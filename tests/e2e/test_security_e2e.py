@@ -32,7 +32,7 @@ from orchestrator.tools.metrics import held, wait_released
 from orchestrator.tools.overhead import ZERO_COST
 from orchestrator.tools.repository import FRONTEND_MODELS, ModelSpec, derive
 from orchestrator.wire.errors import ErrorCode
-from tests.test_bad_input import GEN, call, text_request, token_request
+from tests.e2e.test_bad_input import GEN, call, text_request, token_request
 
 CODES = tuple(f"{code.value}: " for code in ErrorCode)
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -201,7 +201,7 @@ def test_http_generate_stream_one_event_per_delta(server: TritonServer) -> None:
     assert streamed == single_text(server, PROMPTS["cjk"], 12, exclude_input_in_output=True)
 
 
-# -- bad input (the whole catalogue: tests/test_bad_input.py) ---------------------------
+# -- bad input (the whole catalogue: tests/e2e/test_bad_input.py) ---------------------------
 def test_bad_input_over_http_is_400_with_message(server: TritonServer) -> None:
     resp = http_generate(server, {"text_input": "hello", "max_tokens": 0})
     assert resp.status_code == 400

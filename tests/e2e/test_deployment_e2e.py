@@ -25,7 +25,7 @@ from orchestrator.tools.client import generate
 from orchestrator.tools.deploy import build, deployment_secrets
 from orchestrator.tools.launch import TritonServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"deployment {i}: a quick brown fox jumps over the lazy dog " * (1 + i % 2) for i in range(6)]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
+PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 # Each subpackage and the subpackages it may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "wire": set(),
