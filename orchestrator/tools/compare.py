@@ -22,6 +22,9 @@ the deployments have, and the Pareto frontier.
 
 Writes OUT/compare.json (everything), OUT/<deployment>.csv (one row per concurrency),
 OUT/compare.png (both deployments' curves and the rate-matched points).
+
+On a terminal, stderr shows a bar of the load levels done and one of each level's requests
+(--progress / --no-progress to choose); stdout and the files are the same either way.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto
 from orchestrator.bench.stats import Summary, write_csv
@@ -45,6 +48,7 @@ from orchestrator.tools.launch import TritonServer
 from orchestrator.tools.loadgen import format_table, run_load, run_meta, sweep
 from orchestrator.tools.overhead import TokenConnection
 from orchestrator.tools.plots import plot_compare
+from orchestrator.tools.progress import add_progress_flag, echo, progress
 from orchestrator.tools.repository import ModelSpec, write_model
 
 
@@ -60,14 +64,17 @@ def shape(d: Deployment) -> str:
 
 def end_to_end(
     d: Deployment, workload: Workload, loads: Sequence[float], count: int, time_limit_s: float,
-    request_timeout_s: float = 120.0, mode: str = "concurrency",
+    request_timeout_s: float = 120.0, mode: str = "concurrency", progress: bool | None = None,
+    on_level: Callable[[Summary], None] | None = None,
 ) -> list[Summary]:  # fmt: skip
+    """Serve `d`, sweep it, stop it. `progress`: a bar per level on stderr (None: only on a
+    terminal); `on_level(summary)` as each level ends."""
     with tempfile.TemporaryDirectory(prefix=f"compare-{d.name}-") as tmp, ExitStack() as stack:
         free = on_free_ports(d)
         frontend = serve(free, Path(tmp), stack)[free.frontend]
         summaries, _ = sweep(
             frontend.grpc_url, workload, loads, mode, count=count, time_limit_s=time_limit_s,
-            engines=engine_count(d), progress=sys.stderr.isatty(), request_timeout_s=request_timeout_s,
+            engines=engine_count(d), progress=progress, request_timeout_s=request_timeout_s, on_level=on_level,
         )  # fmt: skip
     return summaries
 
@@ -80,7 +87,7 @@ def _probe_repository(dest: Path, context: Pool, generation: Pool) -> Path:
 
 def phase_sweeps(
     d: Deployment, workload: Workload, context_loads: Sequence[int], generation_loads: Sequence[int], count: int,
-    time_limit_s: float,
+    time_limit_s: float, progress: bool | None = False, on_level: Callable[[Summary], None] | None = None,
 ) -> tuple[list[ContextPoint], list[GenerationPoint], dict[str, Any]]:  # fmt: skip
     context, generation = d.pool("context"), d.pool("generation")
     assert context is not None and generation is not None
@@ -99,7 +106,9 @@ def phase_sweeps(
                 return TokenConnection(srv.grpc_url, model, abort, timeout_s, params)
 
             _, summary = run_load(srv.grpc_url, wl, concurrency=k, count=max(count, 2 * k), time_limit_s=time_limit_s,
-                                  connector=connector, salt=f"{model}:{k}")  # fmt: skip
+                                  connector=connector, salt=f"{model}:{k}", progress=progress)  # fmt: skip
+            if on_level is not None:
+                on_level(summary)
             return summary
 
         for k in context_loads:
@@ -146,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
     parser.add_argument("--out", type=Path, required=True)
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
 
     deployments = [load(p) for p in args.deployments]
@@ -175,34 +185,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engines_over": [d.engines_over for d in deployments],
         "deployments": {},
     }
-    for d in deployments:
-        print(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)", flush=True)
-        summaries = end_to_end(d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode)
-        print(format_table(summaries), flush=True)
-        report["deployments"][d.name] = {
-            "shape": shape(d),
-            "engines": engine_count(d),
-            "summaries": [s.as_dict() for s in summaries],
-        }
-        write_csv(args.out / f"{d.name}.csv", summaries)
     disagg = next((d for d in deployments if d.pool("context") is not None), None)
-    if disagg is not None and not args.no_phase_sweeps:
-        print("== phase sweeps (rate matching)", flush=True)
-        ctx, gen, raw = phase_sweeps(
-            disagg, workload, _ints(args.context_concurrency), loads, args.count, args.time_limit_s
-        )
-        osl = max(1, round(workload.osl.expected))
-        capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
-        points = best_ratios(capacity, gen, osl, max(counts.values())) if capacity > 0 else []
-        report["rate_matching"] = {
-            "ttft_bound_ms": args.ttft_bound_ms, "context_requests_per_s": capacity, "osl": osl,
-            "context_points": [asdict(p) for p in ctx], "generation_points": [asdict(p) for p in gen],
-            "points": [{**asdict(p), "label": p.label} for p in points],
-            "pareto": [{**asdict(p), "label": p.label} for p in pareto(points)], "raw": raw,
-        }  # fmt: skip
-        for p in points:
-            print(f"  k={p.concurrency:3d} best {p.label}: {p.tokens_per_s_per_engine:8.1f} tok/s/engine "
-                  f"{p.tokens_per_s_per_user:7.1f} tok/s/user (limited by {p.bottleneck})")  # fmt: skip
+    phases = disagg is not None and not args.no_phase_sweeps
+    context_loads = _ints(args.context_concurrency)
+    levels = len(deployments) * len(e2e_loads) + (len(context_loads) + len(loads) if phases else 0)
+    # A bar of load levels (each level has a bar of its requests below it); stdout as without.
+    with progress(levels, "compare", enabled=args.progress, unit="level") as bar:
+
+        def level_done(_summary: Summary) -> None:
+            bar.update()
+
+        for d in deployments:
+            bar.note(d.name)
+            echo(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)")
+            summaries = end_to_end(
+                d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode,
+                progress=args.progress, on_level=level_done,
+            )  # fmt: skip
+            echo(format_table(summaries))
+            report["deployments"][d.name] = {
+                "shape": shape(d),
+                "engines": engine_count(d),
+                "summaries": [s.as_dict() for s in summaries],
+            }
+            write_csv(args.out / f"{d.name}.csv", summaries)
+        if disagg is not None and phases:
+            bar.note("phase sweeps")
+            echo("== phase sweeps (rate matching)")
+            ctx, gen, raw = phase_sweeps(
+                disagg, workload, context_loads, loads, args.count, args.time_limit_s, args.progress, level_done
+            )
+            osl = max(1, round(workload.osl.expected))
+            capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
+            points = best_ratios(capacity, gen, osl, max(counts.values())) if capacity > 0 else []
+            report["rate_matching"] = {
+                "ttft_bound_ms": args.ttft_bound_ms, "context_requests_per_s": capacity, "osl": osl,
+                "context_points": [asdict(p) for p in ctx], "generation_points": [asdict(p) for p in gen],
+                "points": [{**asdict(p), "label": p.label} for p in points],
+                "pareto": [{**asdict(p), "label": p.label} for p in pareto(points)], "raw": raw,
+            }  # fmt: skip
+            for p in points:
+                echo(f"  k={p.concurrency:3d} best {p.label}: {p.tokens_per_s_per_engine:8.1f} tok/s/engine "
+                     f"{p.tokens_per_s_per_user:7.1f} tok/s/user (limited by {p.bottleneck})")  # fmt: skip
     (args.out / "compare.json").write_text(json.dumps(report, indent=2))
     plot_compare(report, args.out / "compare.png")
     print(f"wrote {args.out}/compare.json, compare.png and one CSV per deployment")

@@ -16,6 +16,8 @@ Load modes (one load level at a time; `sweep` runs them in order):
 Both stop sending at `count` requests or `time_limit_s`, whichever comes first, then wait
 up to `drain_timeout_s` for the requests in flight; those still open are stopped
 (`stop=true`) and reported as errors. Throughput is over first send -> last completion.
+While a level runs, a progress bar of its finished requests is drawn on stderr when stderr
+is a terminal (`--progress` / `--no-progress` to choose); the report on stdout is the same.
 
 Each worker owns one connection carrying one request at a time: a gRPC stream
 (`start_stream`; its errors carry no request id, so one request per stream is what lets an
@@ -56,6 +58,7 @@ from urllib.parse import urlsplit
 from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json
 from orchestrator.bench.workload import LengthDist, RequestSpec, Workload
 from orchestrator.tools.load_connections import PROTOCOLS, Connection, connect
+from orchestrator.tools.progress import Progress, add_progress_flag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _LOOPBACK_NAMES = ("localhost",)
@@ -140,27 +143,24 @@ def _worker(
 
 
 class _Progress:
-    """One self-overwriting status line on stderr (no dependency, nothing when off)."""
+    """The progress bar of one load level (orchestrator/tools/progress.py): on stderr when it is a
+    terminal or asked for, nothing otherwise. Only the sending thread draws it, from `run`'s
+    counts, as it polls the workers (every 0.1 s) while it sends and drains."""
 
-    def __init__(self, enabled: bool, label: str) -> None:
-        self.enabled, self.label, self._last = enabled, label, 0.0
+    def __init__(self, enabled: bool | None, label: str, total: int) -> None:
+        self.bar = Progress(total, label, enabled=enabled)
 
-    def show(self, run: _Run, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.25):
+    def show(self, run: _Run) -> None:
+        if not self.bar.shown:
             return
-        self._last = now
-        line = (
-            f"\r{self.label}: {run.done}/{run.sent} done, {run.errors} errors, "
-            f"{run.sent - run.done} in flight, {now - run.started:.1f}s"
-        )
-        sys.stderr.write(line.ljust(78))
-        sys.stderr.flush()
+        with run.lock:
+            done, sent, errors = run.done, run.sent, run.errors
+        self.bar.note(f"{errors} errors, {sent - done} in flight", refresh=False)
+        self.bar.update_to(done)
 
-    def end(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    def end(self, run: _Run) -> None:
+        self.show(run)
+        self.bar.close()
 
 
 def _drain(
@@ -272,7 +272,7 @@ def run_load(
     protocol: str = "grpc",
     model: str = "ensemble",
     engines: int = 1,
-    progress: bool = False,
+    progress: bool | None = False,
     max_in_flight: int = 1024,
     drain_timeout_s: float = 60.0,
     request_timeout_s: float = 300.0,
@@ -285,7 +285,8 @@ def run_load(
     The prompts are the workload's for `salt`, by default one per mode and load, so every
     level of a sweep sends prompts of its own (see `Workload.requests`). `connector(abort,
     request_timeout_s)` makes each worker's connection instead of `protocol`'s (other
-    contracts, e.g. token-level models in orchestrator/tools/overhead.py).
+    contracts, e.g. token-level models in orchestrator/tools/overhead.py). `progress`: a bar
+    of the level's finished requests on stderr; None: only when stderr is a terminal.
     """
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
@@ -305,19 +306,20 @@ def run_load(
     mode, load = ("concurrency", concurrency) if concurrency is not None else ("rate", rate)
     assert load is not None
     run = _Run(workload, f"{mode}:{load_key(load)}" if salt is None else salt, count, time_limit_s)
-    bar = _Progress(progress, f"{mode} {load:g}")
+    bar = _Progress(progress, f"{mode} {load:g}", count)
 
     def make_conn() -> Connection:
         if connector is not None:
             return connector(run.abort, request_timeout_s)
         return connect(protocol, url, model, run.abort, request_timeout_s)
 
-    if concurrency is not None:
-        _closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
-    else:
-        _open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
-    bar.show(run, force=True)
-    bar.end()
+    try:
+        if concurrency is not None:
+            _closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
+        else:
+            _open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
+    finally:
+        bar.end(run)
     results = run.ordered()
     if results:
         first = min(r.start_s for r in results)
@@ -328,9 +330,11 @@ def run_load(
 
 
 def sweep(
-    url: str, workload: Workload, loads: Sequence[float], mode: str, **options: Any
-) -> tuple[list[Summary], dict[float, list[RequestResult]]]:
-    """`run_load` at each load in order (`mode`: "concurrency" or "rate"); options as there."""
+    url: str, workload: Workload, loads: Sequence[float], mode: str,
+    on_level: Callable[[Summary], None] | None = None, **options: Any,
+) -> tuple[list[Summary], dict[float, list[RequestResult]]]:  # fmt: skip
+    """`run_load` at each load in order (`mode`: "concurrency" or "rate"); options as there.
+    `on_level(summary)` is called as each level ends (e.g. to advance a bar of levels)."""
     if mode not in ("concurrency", "rate"):
         raise ValueError(f"mode {mode!r} is unknown: use 'concurrency' or 'rate'")
     if len(set(loads)) != len(loads):
@@ -342,6 +346,8 @@ def sweep(
         rs, summary = run_load(url, workload, **kwargs)
         summaries.append(summary)
         results[load] = rs
+        if on_level is not None:
+            on_level(summary)
     return summaries, results
 
 
@@ -433,10 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-stream", action="store_true", help="one response per request (TTFT = E2E)")
     parser.add_argument("--json", type=Path, help="write summaries, per-request timings and run metadata")
     parser.add_argument("--csv", type=Path, help="write one row per load level")
-    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    add_progress_flag(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (as --no-progress)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a server that is not on loopback")
     args = parser.parse_args(argv)
     mode = "concurrency" if args.concurrency else "rate"
+    bars = False if args.quiet else args.progress  # None: only when stderr is a terminal
     load_list = args.concurrency or args.rate
     try:
         check_loopback(args.url, args.allow_remote)
@@ -444,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries, results = sweep(
             args.url, workload, load_list, mode,
             count=args.count, time_limit_s=args.time_limit or None, stream=not args.no_stream,
-            protocol=args.protocol, model=args.model, engines=args.engines, progress=not args.quiet,
+            protocol=args.protocol, model=args.model, engines=args.engines, progress=bars,
             max_in_flight=args.max_in_flight, drain_timeout_s=args.drain_timeout,
             request_timeout_s=args.request_timeout, allow_remote=args.allow_remote,
         )  # fmt: skip

@@ -30,8 +30,9 @@ processes: a stub that dies ends the soak at once as a failure. With `--url` it 
 running loopback server instead; the gauges are read from `--metrics` and memory from
 `--server-pid`, each check skipped when not given.
 
-The exit status is 0 only when every check passed; `run_soak()` is the same run
-in-process (the CI soak in tests/e2e/test_soak.py).
+On a terminal, stderr shows a bar of the requests finished (`--progress` / `--no-progress`
+to choose; without one, a line every 500 requests). The exit status is 0 only when every
+check passed; `run_soak()` is the same run in-process (the CI soak in tests/e2e/test_soak.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from orchestrator.tools.launch import TritonServer
+from orchestrator.tools.progress import add_progress_flag, echo, progress
 from orchestrator.tools.repository import set_parameters
 from orchestrator.tools.soak_checks import (
     ServerWatch,
@@ -119,10 +121,11 @@ def run_soak(
     warmup: int | None = None,
     request_timeout_s: float = 30.0,
     leak_deadline_s: float = 30.0,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = lambda line: echo(line, sys.stderr),
     engines_over: str = "bls",
     dump_dir: Path | None = None,
     streams_over: str = "",
+    show_progress: bool | None = False,
 ) -> SoakReport:
     """Start a server (unless `url`), run the warm-up, check it drained, measure memory, run
     the rest, check everything again; never raises for a failed check (see `failures`).
@@ -134,7 +137,9 @@ def run_soak(
     parameter of that name in the derived repository ("" keeps its default, grpc; "bls"
     sends streaming generations over BLS, where Triton's python backend can deadlock the
     orchestrator's stub: README "The BLS stub crash"). With `dump_dir`, a run whose
-    requests hung saves every thread's native stack of the server and its stubs there."""
+    requests hung saves every thread's native stack of the server and its stubs there.
+    `show_progress`: a bar of the requests finished on stderr (None: only when stderr is a
+    terminal), in place of the `log` line every 500 requests."""
     if engines_over not in ("bls", "grpc"):
         raise ValueError(f"engines_over must be 'bls' or 'grpc', got {engines_over!r}")
     with contextlib.ExitStack() as stack:
@@ -164,7 +169,7 @@ def run_soak(
             check_loopback(address)
         return _soak(
             url, metrics, server_pid, server, engines, requests, concurrency, time_limit_s, cancel_rate, seed,
-            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log, migrating, dump_dir,
+            max_rss_growth_mib, warmup, request_timeout_s, leak_deadline_s, log, migrating, dump_dir, show_progress,
         )  # fmt: skip
 
 
@@ -172,7 +177,7 @@ def _soak(
     url: str, metrics: str | None, server_pid: int | None, server: TritonServer | None, engines: Sequence[str],
     requests: int, concurrency: int, time_limit_s: float, cancel_rate: float, seed: int, max_rss_growth_mib: float,
     warmup: int | None, request_timeout_s: float, leak_deadline_s: float, log: Callable[[str], None],
-    migrating: bool = False, dump_dir: Path | None = None,
+    migrating: bool = False, dump_dir: Path | None = None, show_progress: bool | None = False,
 ) -> SoakReport:  # fmt: skip
     plans = make_plans(requests, seed, cancel_rate)
     warm_n = min(len(plans), warmup if warmup is not None else max(200, len(plans) // 20))
@@ -192,24 +197,34 @@ def _soak(
             leaked.update(bad)
             failures.append(f"leak after the {phase}: gauges not 0 within {leak_deadline_s:g}s: {bad}")
 
-    def progress(done: int) -> None:
-        if done % 500 == 0:
+    # Finished requests, warm-up and soak together: a bar on a terminal, else a log line per 500.
+    bar = progress(len(plans), "soak", enabled=show_progress)
+
+    def finished(done: int) -> None:  # from the worker threads
+        bar.update()
+        if done % 500 == 0 and not bar.shown:
             log(f"  {done} requests done, {time.monotonic() - start:.0f}s")
 
     start = time.monotonic()
     send_deadline = start + time_limit_s
-    log(f"warm-up: {warm_n} requests, concurrency {concurrency}")
-    outcomes, problems = run_load(
-        url, plans[:warm_n], concurrency, send_deadline, request_timeout_s, on_outcome=progress, abort=abort
-    )
-    check_drained("warmup")
-    rss_warm_parts = process_rss_mib(server_pid) if server_pid and not abort.is_set() else {}
-    rss_warm = sum(rss_warm_parts.values()) if rss_warm_parts else None
-    log(f"soak: {len(plans) - warm_n} more requests" + (f" (server RSS now {rss_warm:.1f} MiB)" if rss_warm else ""))
-    more, more_problems = run_load(
-        url, plans[warm_n:], concurrency, send_deadline, request_timeout_s,
-        on_outcome=lambda done: progress(done + warm_n), abort=abort,
-    )  # fmt: skip
+    with bar:
+        bar.note("warm-up")
+        log(f"warm-up: {warm_n} requests, concurrency {concurrency}")
+        outcomes, problems = run_load(
+            url, plans[:warm_n], concurrency, send_deadline, request_timeout_s, on_outcome=finished, abort=abort
+        )
+        bar.note("leak check")
+        check_drained("warmup")
+        rss_warm_parts = process_rss_mib(server_pid) if server_pid and not abort.is_set() else {}
+        rss_warm = sum(rss_warm_parts.values()) if rss_warm_parts else None
+        log(
+            f"soak: {len(plans) - warm_n} more requests" + (f" (server RSS now {rss_warm:.1f} MiB)" if rss_warm else "")
+        )
+        bar.note("soak")
+        more, more_problems = run_load(
+            url, plans[warm_n:], concurrency, send_deadline, request_timeout_s,
+            on_outcome=lambda done: finished(done + warm_n), abort=abort,
+        )  # fmt: skip
     outcomes += more
     problems += more_problems
     duration = time.monotonic() - start
@@ -294,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="with --url: HOST:PORT of its metrics endpoint, for the leak check")
     parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for the memory check")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    add_progress_flag(parser)
     parser.add_argument(
         "--streams-over",
         choices=("grpc", "bls"),
@@ -318,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repository=args.repository.resolve() if args.repository else None, faults=args.fault,
             url=args.url, metrics=args.metrics, server_pid=args.server_pid,
             warmup=args.warmup, request_timeout_s=args.request_timeout, engines_over=args.engines_over,
-            dump_dir=args.dump_dir, streams_over=args.streams_over,
+            dump_dir=args.dump_dir, streams_over=args.streams_over, show_progress=args.progress,
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))

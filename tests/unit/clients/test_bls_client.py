@@ -1,12 +1,14 @@
 """BlsEngineClient against a stand-in for Triton's `pb_utils` BLS surface (which exists only
-inside the python backend stub): replies in order, error codes mapped back, and real child
-cancellation used where the response iterator has `cancel()` (newer Tritons), not needed
-where it has none (2.51: the orchestrator's stop=true does that job)."""
+inside the python backend stub): tests/fake_pb_utils.py, with Triton 2.51's blocking response
+iterators here. Replies in order, error codes mapped back, and real child cancellation used
+where the response iterator has `cancel()` (newer Tritons), not needed where it has none
+(2.51: the orchestrator's stop=true does that job)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import threading
 import weakref
 from typing import Any
@@ -15,58 +17,27 @@ import numpy as np
 
 from orchestrator.clients.bls import BlsEngineClient
 from orchestrator.wire.errors import ErrorCode
+from tests.fake_pb_utils import FakePbUtils, InferenceRequest, InferenceResponse, Tensor, TritonError
 
 
-class _Tensor:
-    def __init__(self, name: str, value: np.ndarray) -> None:
-        self._name, self._value = name, value
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._value
-
-
-class _Error:
-    def __init__(self, message: str, code: int) -> None:
-        self._message, self._code = message, code
-
-    def message(self) -> str:
-        return self._message
-
-    def code(self) -> int:
-        return self._code
-
-
-class _Response:
-    def __init__(self, tokens: list[int] | None = None, error: _Error | None = None) -> None:
-        self._tokens, self._error = tokens, error
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> _Error | None:
-        return self._error
-
-    def output_tensors(self) -> list[_Tensor]:
-        if self._tokens is None:
-            return []
-        return [_Tensor("output_ids", np.array([[self._tokens]], dtype=np.int32))]
+def _response(tokens: list[int] | None = None, error: TritonError | None = None) -> InferenceResponse:
+    """An engine's response: `tokens` as output_ids, an error, or neither (a flags-only final)."""
+    outputs = [] if tokens is None else [Tensor("output_ids", np.array([[tokens]], dtype=np.int32))]
+    return InferenceResponse(output_tensors=outputs, error=error)
 
 
 class _BlockingIterator:
     """Triton 2.51's ResponseIterator: blocking next(); after its responses it waits for more
     (the engine is still generating) until released."""
 
-    def __init__(self, responses: list[_Response]) -> None:
+    def __init__(self, responses: list[InferenceResponse]) -> None:
         self.responses = list(responses)
         self.release = threading.Event()
 
     def __iter__(self) -> "_BlockingIterator":
         return self
 
-    def __next__(self) -> _Response:
+    def __next__(self) -> InferenceResponse:
         if self.responses:
             return self.responses.pop(0)
         self.release.wait(10)
@@ -74,7 +45,7 @@ class _BlockingIterator:
 
 
 class _CancellableIterator(_BlockingIterator):
-    def __init__(self, responses: list[_Response]) -> None:
+    def __init__(self, responses: list[InferenceResponse]) -> None:
         super().__init__(responses)
         self.cancelled = 0
 
@@ -83,43 +54,24 @@ class _CancellableIterator(_BlockingIterator):
         self.release.set()
 
 
-class FakePb:
-    """The slice of triton_python_backend_utils that BlsEngineClient uses."""
+def _client(iterator: "_BlockingIterator | Exception") -> tuple[BlsEngineClient, FakePbUtils]:
+    """A client on a fake pb_utils whose one BLS `exec` returns `iterator` (or raises it)."""
+    pending = [iterator]
 
-    class TritonError:
-        INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, CANCELLED = 1, 2, 3, 4, 5
+    def exec_(request: InferenceRequest, decoupled: bool) -> _BlockingIterator:
+        assert decoupled
+        if isinstance(pending[0], Exception):
+            raise pending[0]
+        iterator = pending.pop()  # like Triton: the caller holds it now
+        assert isinstance(iterator, _BlockingIterator)
+        return iterator
 
-    def __init__(self, iterator: "_BlockingIterator | Exception") -> None:
-        self.iterator: "_BlockingIterator | Exception | None" = iterator
-        self.requests: list[dict[str, Any]] = []
-        pb = self
-
-        class InferenceRequest:
-            def __init__(self, **kwargs: Any) -> None:
-                pb.requests.append(kwargs)
-
-            def exec(self, decoupled: bool) -> _BlockingIterator:
-                assert decoupled
-                if isinstance(pb.iterator, Exception):
-                    raise pb.iterator
-                iterator, pb.iterator = pb.iterator, None  # like Triton: the caller holds it now
-                return iterator
-
-        self.InferenceRequest = InferenceRequest
-
-    Tensor = _Tensor
-
-    def is_model_ready(self, model_name: str) -> bool:
-        return model_name == "context_0"
-
-
-def _client(iterator: "_BlockingIterator | Exception") -> tuple[BlsEngineClient, FakePb]:
-    pb = FakePb(iterator)
+    pb = FakePbUtils(bls=exec_, ready={"context_0"})
     return BlsEngineClient(pb, ("output_ids",)), pb
 
 
 def test_replies_arrive_in_order_and_the_request_carries_id_and_parameters() -> None:
-    iterator = _BlockingIterator([_Response([1]), _Response([2, 3]), _Response()])  # the last: flags-only
+    iterator = _BlockingIterator([_response([1]), _response([2, 3]), _response()])  # the last: flags-only
     iterator.release.set()
     client, pb = _client(iterator)
 
@@ -132,11 +84,11 @@ def test_replies_arrive_in_order_and_the_request_carries_id_and_parameters() -> 
     replies = asyncio.run(body())  # one or two replies: ones that queued up while the loop was busy are joined
     assert [t for reply in replies for t in reply] == [1, 2, 3] and len(replies) in (1, 2)
     (sent,) = pb.requests
-    assert sent["request_id"] == "r:gen" and sent["parameters"] == {"request_type": "generation_only"}
+    assert sent.request_id() == "r:gen" and json.loads(sent.parameters()) == {"request_type": "generation_only"}
 
 
 def test_engine_errors_map_back_to_their_codes_without_the_prefix() -> None:
-    iterator = _BlockingIterator([_Response(error=_Error("NOT_FOUND: no such lease", FakePb.TritonError.NOT_FOUND))])
+    iterator = _BlockingIterator([_response(error=TritonError("NOT_FOUND: no such lease", TritonError.NOT_FOUND))])
     iterator.release.set()
     client, _ = _client(iterator)
 
@@ -148,7 +100,7 @@ def test_engine_errors_map_back_to_their_codes_without_the_prefix() -> None:
 
 
 def test_abandoning_a_stream_cancels_the_child_where_triton_can() -> None:
-    iterator = _CancellableIterator([_Response([1])])
+    iterator = _CancellableIterator([_response([1])])
     client, _ = _client(iterator)
 
     async def body() -> None:
@@ -162,7 +114,7 @@ def test_abandoning_a_stream_cancels_the_child_where_triton_can() -> None:
 
 
 def test_a_stream_read_to_its_end_is_not_cancelled() -> None:
-    iterator = _CancellableIterator([_Response([1])])
+    iterator = _CancellableIterator([_response([1])])
     iterator.release.set()
     client, _ = _client(iterator)
 
@@ -189,7 +141,7 @@ def test_token_replies_waiting_behind_one_are_joined_into_one() -> None:
 
     async def body() -> tuple[EngineReply, list[Any]]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        for item in (_Response([2]), _Response(), _Response([3, 4]), _END):
+        for item in (_response([2]), _response(), _response([3, 4]), _END):
             queue.put_nowait(item)
         pending: deque[Any] = deque()
         first = EngineReply(tensors={"output_ids": np.array([[[1]]], dtype=np.int32)})
@@ -207,7 +159,7 @@ def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
     from orchestrator.clients.engine_client import EngineReply
 
     client, _ = _client(_BlockingIterator([]))
-    failure = _Response(error=_Error("UNAVAILABLE: crashed", FakePb.TritonError.UNAVAILABLE))
+    failure = _response(error=TritonError("UNAVAILABLE: crashed", TritonError.UNAVAILABLE))
 
     async def body() -> tuple[EngineReply, list[Any]]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -223,8 +175,8 @@ def test_an_error_behind_token_replies_is_kept_for_after_them() -> None:
 
 def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
     """Through BLS, Triton 2.51 gives the caller a generic code; the engine's prefix is the truth."""
-    lost = _Response(
-        error=_Error("NOT_FOUND: context engine 'context_1' refused the KV pull", FakePb.TritonError.INTERNAL)
+    lost = _response(
+        error=TritonError("NOT_FOUND: context engine 'context_1' refused the KV pull", TritonError.INTERNAL)
     )
     iterator = _BlockingIterator([lost])
     iterator.release.set()
@@ -241,7 +193,7 @@ def test_the_code_word_prefix_wins_over_the_generic_code_bls_delivers() -> None:
 def test_a_finished_iterator_is_held_by_the_fence_until_a_round_trip_crosses_it() -> None:
     """Triton 2.51's stub drops its own reference to a finished iterator later, off the GIL:
     ours must outlive it (orchestrator/runtime/stub_fence.py)."""
-    iterator = _BlockingIterator([_Response([1]), _Response([2])])
+    iterator = _BlockingIterator([_response([1]), _response([2])])
     iterator.release.set()
     client, _ = _client(iterator)
     alive = weakref.ref(iterator)

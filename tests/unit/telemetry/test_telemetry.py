@@ -11,6 +11,7 @@ from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.telemetry.recorder import RateLimitedLog, RequestRecord, Telemetry
 from orchestrator.telemetry.registry import MemoryRegistry, MetricSpec, TritonRegistry
 from orchestrator.wire.contract import parse_request
+from tests.fake_pb_utils import FakePbUtils
 from tests.pipeline_harness import PROMPTS, Cluster, RecordingResponseSink, client_tensors, run
 
 
@@ -131,43 +132,10 @@ def test_deferred_telemetry_reaches_the_registry_only_on_flush() -> None:
     assert reg.total("disagg_requests_total") == 1 and reg.observed("disagg_request_e2e_seconds") == [0.5]
 
 
-class _FakeFamily:
-    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
-    made: list[tuple[str, int]] = []
-
-    def __init__(self, name: str, description: str, kind: int) -> None:
-        self.name, self.kind = name, kind
-        self.metrics: list[_FakeMetric] = []
-        _FakeFamily.made.append((name, kind))
-
-    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> "_FakeMetric":
-        metric = _FakeMetric(labels, buckets)
-        self.metrics.append(metric)
-        return metric
-
-
-class _FakeMetric:
-    def __init__(self, labels: dict[str, str], buckets: list[float] | None) -> None:
-        self.labels, self.buckets, self.calls = labels, buckets, []
-
-    def increment(self, value: float) -> None:
-        self.calls.append(("increment", value))
-
-    def set(self, value: float) -> None:
-        self.calls.append(("set", value))
-
-    def observe(self, value: float) -> None:
-        self.calls.append(("observe", value))
-
-
-class _FakePb:
-    MetricFamily = _FakeFamily
-
-
 def test_triton_registry_declares_families_once_and_makes_one_metric_per_label_set() -> None:
-    """Against a stand-in for pb_utils' metrics API (Triton's, not ours)."""
+    """Against a stand-in for pb_utils' metrics API (Triton's, not ours): tests/fake_pb_utils.py."""
     specs = [MetricSpec("a_total", "counter", "a"), MetricSpec("b_seconds", "histogram", "b", (0.1, 1.0))]
-    reg = TritonRegistry(_FakePb(), specs)
+    reg = TritonRegistry(FakePbUtils(), specs)
     reg.inc("a_total", {"x": "1"})
     reg.inc("a_total", {"x": "1"}, 2)
     reg.observe("b_seconds", {"x": "1"}, 0.5)
