@@ -1,7 +1,7 @@
 """Disaggregated LLM serving on Triton: the library behind every model in model_repository/.
 
 Layers, bottom to top; a module imports only from its own layer or the ones below
-(tests/unit/test_layers.py checks it):
+(tests/unit/test_layers.py checks it, and that there is no import cycle):
 
     wire         the tensor contract, errors, parameters, stop conditions, KV block hashes
     text         tokenizers, streaming detokenization, pre/postprocessing
