@@ -10,7 +10,6 @@ from orchestrator.tools.launch import REPO_ROOT
 
 _PROGRAM = r"""
 import asyncio, sys, time
-sys.path.insert(0, sys.argv[1])
 from orchestrator.runtime.watchdog import StuckExit
 
 async def main(stop_first):
@@ -22,13 +21,13 @@ async def main(stop_first):
     time.sleep(2.0)  # the loop is stuck (a deadlocked stub: nothing runs Python here)
     print("the loop ran again", flush=True)
 
-asyncio.run(main(sys.argv[2] == "stop"))
+asyncio.run(main(sys.argv[1] == "stop"))
 """
 
 
 def _run(mode: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", _PROGRAM, str(REPO_ROOT), mode], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", _PROGRAM, mode], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
     )
 
 
