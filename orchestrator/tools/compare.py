@@ -128,7 +128,13 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _dist(text: str) -> LengthDist:
+    """A bare number is a fixed length, so `--isl 1024` works as `--isl fixed:1024`."""
+    return LengthDist.parse(text if ":" in text else f"fixed:{text}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line; kept apart from `main` so `main` reads as the run it drives."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("deployments", nargs="+", type=Path, help="deployment files (same engine count)")
     parser.add_argument("--isl", default="fixed:1024", help="input length: N, fixed:N, uniform:A:B, normal:MEAN:STD")
@@ -156,7 +162,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
     parser.add_argument("--out", type=Path, required=True)
     add_progress_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _deployment_run(
+    d: Deployment, workload: Workload, e2e_loads: Sequence[float], mode: str, args: argparse.Namespace,
+    level_done: Callable[[Summary], None],
+) -> dict[str, Any]:  # fmt: skip
+    """One deployment's end-to-end sweep: its table on stdout, its CSV, its part of the report."""
+    echo(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)")
+    summaries = end_to_end(
+        d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode,
+        progress=args.progress, on_level=level_done,
+    )  # fmt: skip
+    echo(format_table(summaries))
+    entry = {
+        "shape": shape(d),
+        "engines": engine_count(d),
+        "summaries": [s.as_dict() for s in summaries],
+    }
+    write_csv(args.out / f"{d.name}.csv", summaries)
+    return entry
+
+
+def _rate_matching(
+    disagg: Deployment, workload: Workload, context_loads: Sequence[int], loads: Sequence[int],
+    args: argparse.Namespace, max_engines: int, level_done: Callable[[Summary], None],
+) -> dict[str, Any]:  # fmt: skip
+    """The phase sweeps of `disagg` and the best c:g they give: the report's `rate_matching`."""
+    echo("== phase sweeps (rate matching)")
+    ctx, gen, raw = phase_sweeps(
+        disagg, workload, context_loads, loads, args.count, args.time_limit_s, args.progress, level_done
+    )
+    osl = max(1, round(workload.osl.expected))
+    capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
+    points = best_ratios(capacity, gen, osl, max_engines) if capacity > 0 else []
+    section = {
+        "ttft_bound_ms": args.ttft_bound_ms, "context_requests_per_s": capacity, "osl": osl,
+        "context_points": [asdict(p) for p in ctx], "generation_points": [asdict(p) for p in gen],
+        "points": [{**asdict(p), "label": p.label} for p in points],
+        "pareto": [{**asdict(p), "label": p.label} for p in pareto(points)], "raw": raw,
+    }  # fmt: skip
+    for p in points:
+        echo(f"  k={p.concurrency:3d} best {p.label}: {p.tokens_per_s_per_engine:8.1f} tok/s/engine "
+             f"{p.tokens_per_s_per_user:7.1f} tok/s/user (limited by {p.bottleneck})")  # fmt: skip
+    return section
+
+
+def _write_report(report: dict[str, Any], out: Path) -> None:
+    """compare.json and compare.png, written once every run is done (the CSVs are written as they end)."""
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    plot_compare(report, out / "compare.png")
+    print(f"wrote {out}/compare.json, compare.png and one CSV per deployment")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     deployments = [load(p) for p in args.deployments]
     if args.engines_over:
@@ -169,10 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
-    def dist(text: str) -> LengthDist:
-        return LengthDist.parse(text if ":" in text else f"fixed:{text}")
-
-    workload = Workload(dist(args.isl), dist(args.osl), seed=args.seed)
+    workload = Workload(_dist(args.isl), _dist(args.osl), seed=args.seed)
     loads = _ints(args.concurrency)
     mode, e2e_loads = (
         ("rate", [float(x) for x in args.rate.split(",") if x.strip()]) if args.rate else ("concurrency", loads)
@@ -197,39 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for d in deployments:
             bar.note(d.name)
-            echo(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)")
-            summaries = end_to_end(
-                d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode,
-                progress=args.progress, on_level=level_done,
-            )  # fmt: skip
-            echo(format_table(summaries))
-            report["deployments"][d.name] = {
-                "shape": shape(d),
-                "engines": engine_count(d),
-                "summaries": [s.as_dict() for s in summaries],
-            }
-            write_csv(args.out / f"{d.name}.csv", summaries)
+            report["deployments"][d.name] = _deployment_run(d, workload, e2e_loads, mode, args, level_done)
         if disagg is not None and phases:
             bar.note("phase sweeps")
-            echo("== phase sweeps (rate matching)")
-            ctx, gen, raw = phase_sweeps(
-                disagg, workload, context_loads, loads, args.count, args.time_limit_s, args.progress, level_done
+            report["rate_matching"] = _rate_matching(
+                disagg, workload, context_loads, loads, args, max(counts.values()), level_done
             )
-            osl = max(1, round(workload.osl.expected))
-            capacity = context_capacity(ctx, args.ttft_bound_ms / 1000)
-            points = best_ratios(capacity, gen, osl, max(counts.values())) if capacity > 0 else []
-            report["rate_matching"] = {
-                "ttft_bound_ms": args.ttft_bound_ms, "context_requests_per_s": capacity, "osl": osl,
-                "context_points": [asdict(p) for p in ctx], "generation_points": [asdict(p) for p in gen],
-                "points": [{**asdict(p), "label": p.label} for p in points],
-                "pareto": [{**asdict(p), "label": p.label} for p in pareto(points)], "raw": raw,
-            }  # fmt: skip
-            for p in points:
-                echo(f"  k={p.concurrency:3d} best {p.label}: {p.tokens_per_s_per_engine:8.1f} tok/s/engine "
-                     f"{p.tokens_per_s_per_user:7.1f} tok/s/user (limited by {p.bottleneck})")  # fmt: skip
-    (args.out / "compare.json").write_text(json.dumps(report, indent=2))
-    plot_compare(report, args.out / "compare.png")
-    print(f"wrote {args.out}/compare.json, compare.png and one CSV per deployment")
+    _write_report(report, args.out)
     return 0
 
 

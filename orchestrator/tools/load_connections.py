@@ -1,5 +1,5 @@
 """How one request is sent and timed over gRPC streaming or HTTP `generate_stream`, for
-the load generator (`orchestrator/tools/loadgen.py`, which keeps the load loops and the report).
+the load generator (`orchestrator/tools/loadgen.py` keeps the command and the report, `load_loops.py` the loops).
 
 A `Connection` carries one request at a time: a gRPC stream (its errors carry no request
 id, so one request per stream is what lets an error be attributed) or an HTTP session on

@@ -43,22 +43,20 @@ import datetime
 import ipaddress
 import os
 import platform
-import queue
-import random
 import shlex
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json
-from orchestrator.bench.workload import LengthDist, RequestSpec, Workload
+from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.tools.load_connections import PROTOCOLS, Connection, connect
-from orchestrator.tools.progress import Progress, add_progress_flag
+from orchestrator.tools.load_loops import LevelBar, LevelRun, closed_loop, open_loop
+from orchestrator.tools.progress import add_progress_flag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _LOOPBACK_NAMES = ("localhost",)
@@ -91,173 +89,36 @@ def check_loopback(url: str, allow_remote: bool = False) -> None:
 # --------------------------------------------------------------------------- one load level
 
 
-class _Run:
-    """What the threads of one load level share: the request source, results, the bounds."""
-
-    def __init__(self, workload: Workload, salt: str, count: int, time_limit_s: float | None) -> None:
-        self.lock = threading.Lock()
-        self.abort = threading.Event()
-        self._specs = workload.requests(salt)
-        self._count = count
-        self.sent = 0
-        self.done = 0
-        self.errors = 0
-        self.results: list[tuple[int, RequestResult]] = []
-        self.started = time.monotonic()
-        self.send_deadline = self.started + time_limit_s if time_limit_s else float("inf")
-        self.tag = uuid.uuid4().hex[:8]
-
-    def take(self) -> tuple[str, int, RequestSpec] | None:
-        """The next request to send, or None once `count` is reached or the time is up."""
-        with self.lock:
-            if self.abort.is_set() or self.sent >= self._count or time.monotonic() >= self.send_deadline:
-                return None
-            index = self.sent
-            self.sent += 1
-            return f"lg-{self.tag}-{index}", index, next(self._specs)
-
-    def record(self, index: int, result: RequestResult) -> None:
-        with self.lock:
-            self.results.append((index, result))
-            self.done += 1
-            self.errors += not result.ok
-
-    def ordered(self) -> list[RequestResult]:
-        with self.lock:
-            return [r for _, r in sorted(self.results, key=lambda item: item[0])]
-
-
-Job = tuple[str, int, RequestSpec]
-
-
-def _worker(
-    run: _Run, conn: Connection, take: Callable[[], Job | None], stream: bool, done: Callable[[], None]
+def _check_level(
+    concurrency: int | None, rate: float | None, count: int, max_in_flight: int, engines: int, protocol: str
 ) -> None:
-    try:
-        while (job := take()) is not None:
-            request_id, index, spec = job
-            run.record(index, conn.send(request_id, spec, stream))
-            done()
-    finally:
-        conn.close()
+    """Refuse a bad level before any connection opens (the command reports it as a usage error)."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if engines < 1:
+        raise ValueError(f"engines must be >= 1 (every engine of the deployment), got {engines}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
 
 
-class _Progress:
-    """The progress bar of one load level (orchestrator/tools/progress.py): on stderr when it is a
-    terminal or asked for, nothing otherwise. Only the sending thread draws it, from `run`'s
-    counts, as it polls the workers (every 0.1 s) while it sends and drains."""
-
-    def __init__(self, enabled: bool | None, label: str, total: int) -> None:
-        self.bar = Progress(total, label, enabled=enabled)
-
-    def show(self, run: _Run) -> None:
-        if not self.bar.shown:
-            return
-        with run.lock:
-            done, sent, errors = run.done, run.sent, run.errors
-        self.bar.note(f"{errors} errors, {sent - done} in flight", refresh=False)
-        self.bar.update_to(done)
-
-    def end(self, run: _Run) -> None:
-        self.show(run)
-        self.bar.close()
-
-
-def _drain(
-    run: _Run, threads: list[threading.Thread], conns: list[Connection], timeout_s: float, progress: _Progress
-) -> None:
-    """Wait for the workers; past `timeout_s` abort the open requests (they become errors)."""
-    deadline = time.monotonic() + timeout_s
-    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        for t in threads:
-            t.join(timeout=0.1)
-        progress.show(run)
-    if any(t.is_alive() for t in threads):
-        run.abort.set()
-        for conn in conns:
-            conn.interrupt()
-        for t in threads:
-            t.join(timeout=30.0)
-
-
-def _nothing() -> None:
-    """A closed-loop worker has no slot to give back."""
-
-
-def _closed_loop(run: _Run, concurrency: int, make_conn: Callable[[], Connection], stream: bool,
-                 drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
-    conns = [make_conn() for _ in range(concurrency)]
-    threads = [
-        threading.Thread(target=_worker, args=(run, c, run.take, stream, _nothing), daemon=True, name=f"loadgen-{i}")
-        for i, c in enumerate(conns)
-    ]
-    for t in threads:
-        t.start()
-    # Sending ends by itself (count or deadline); the drain clock starts at the deadline.
-    while any(t.is_alive() for t in threads) and time.monotonic() < run.send_deadline:
-        time.sleep(0.1)
-        progress.show(run)
-    _drain(run, threads, conns, drain_timeout_s, progress)
-
-
-def _sleep_until(at: float, run: _Run, progress: _Progress) -> bool:
-    """Sleep until the arrival time `at`; False if sending ended first."""
-    while (wait := at - time.monotonic()) > 0:
-        if time.monotonic() >= run.send_deadline:
-            return False
-        time.sleep(min(wait, 0.1))
-        progress.show(run)
-    return time.monotonic() < run.send_deadline
-
-
-def _acquire(slots: threading.Semaphore, run: _Run, progress: _Progress) -> bool:
-    """A slot under the in-flight cap; False if sending ended while waiting at the cap."""
-    while not slots.acquire(timeout=0.1):
-        progress.show(run)
-        if time.monotonic() >= run.send_deadline:
-            return False
-    return True
-
-
-def _open_loop(run: _Run, rate: float, seed: int, max_in_flight: int, make_conn: Callable[[], Connection],
-               stream: bool, drain_timeout_s: float, progress: _Progress) -> None:  # fmt: skip
-    """Poisson arrivals; a worker per request in flight (added on demand, kept for reuse)."""
-    arrivals = random.Random(f"arrivals:{seed}")
-    jobs: queue.Queue[Job | None] = queue.Queue()
-    slots = threading.Semaphore(max_in_flight)
-    in_flight = 0
-    lock = threading.Lock()
-    threads: list[threading.Thread] = []
-    conns: list[Connection] = []
-
-    def finished() -> None:
-        nonlocal in_flight
-        with lock:
-            in_flight -= 1
-        slots.release()
-
-    next_at = time.monotonic()
-    while _sleep_until(next_at, run, progress) and _acquire(slots, run, progress):
-        job = run.take()
-        if job is None:
-            slots.release()
-            break
-        with lock:
-            in_flight += 1
-            grow = in_flight > len(threads)
-        if grow:  # every queued or running job must have a worker of its own
-            conn = make_conn()
-            name = f"loadgen-{len(threads)}"
-            args = (run, conn, jobs.get, stream, finished)
-            thread = threading.Thread(target=_worker, args=args, daemon=True, name=name)
-            conns.append(conn)
-            threads.append(thread)
-            thread.start()
-        jobs.put(job)
-        next_at += arrivals.expovariate(rate)
-    for _ in threads:
-        jobs.put(None)
-    _drain(run, threads, conns, drain_timeout_s, progress)
+def _summarize_level(run: LevelRun, engines: int, mode: str, load: float) -> tuple[list[RequestResult], Summary]:
+    """The level's results in sending order and their summary. Throughput is over first send ->
+    last completion, so idle time before and after the requests does not dilute it."""
+    results = run.ordered()
+    if results:
+        first = min(r.start_s for r in results)
+        duration = max(r.start_s + r.e2e_s for r in results) - first
+    else:
+        duration = time.monotonic() - run.started
+    return results, summarize(results, max(duration, 1e-9), engines, mode, load)
 
 
 def run_load(
@@ -288,25 +149,12 @@ def run_load(
     contracts, e.g. token-level models in orchestrator/tools/overhead.py). `progress`: a bar
     of the level's finished requests on stderr; None: only when stderr is a terminal.
     """
-    if (concurrency is None) == (rate is None):
-        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if rate is not None and not rate > 0:
-        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-    if engines < 1:
-        raise ValueError(f"engines must be >= 1 (every engine of the deployment), got {engines}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
+    _check_level(concurrency, rate, count, max_in_flight, engines, protocol)
     check_loopback(url, allow_remote)
     mode, load = ("concurrency", concurrency) if concurrency is not None else ("rate", rate)
     assert load is not None
-    run = _Run(workload, f"{mode}:{load_key(load)}" if salt is None else salt, count, time_limit_s)
-    bar = _Progress(progress, f"{mode} {load:g}", count)
+    run = LevelRun(workload, f"{mode}:{load_key(load)}" if salt is None else salt, count, time_limit_s)
+    bar = LevelBar(progress, f"{mode} {load:g}", count)
 
     def make_conn() -> Connection:
         if connector is not None:
@@ -315,18 +163,12 @@ def run_load(
 
     try:
         if concurrency is not None:
-            _closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
+            closed_loop(run, min(concurrency, count), make_conn, stream, drain_timeout_s, bar)
         else:
-            _open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
+            open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
     finally:
         bar.end(run)
-    results = run.ordered()
-    if results:
-        first = min(r.start_s for r in results)
-        duration = max(r.start_s + r.e2e_s for r in results) - first
-    else:
-        duration = time.monotonic() - run.started
-    return results, summarize(results, max(duration, 1e-9), engines, mode, load)
+    return _summarize_level(run, engines, mode, load)
 
 
 def sweep(

@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,15 +54,11 @@ from orchestrator.tools.launch import TritonServer
 from orchestrator.tools.progress import add_progress_flag, echo, progress
 from orchestrator.tools.repository import set_parameters
 from orchestrator.tools.soak_checks import (
+    Outcome,
     ServerWatch,
     SoakReport,
-    check_outcomes,
-    classify,
-    error_kind,
     expected_gauges,
-    log_tracebacks,
     migration_counts,
-    percentile,
     process_rss_mib,
     references,
     wait_gauges_zero,
@@ -73,11 +68,13 @@ from orchestrator.tools.soak_plan import (
     CONTEXT_ENGINES,
     GENERATION_ENGINES,
     Fault,
+    Plan,
     default_faults,
     make_plans,
     parse_fault,
     soak_repository,
 )
+from orchestrator.tools.soak_verdict import build_report, judge
 from orchestrator.tools.stacks import dump_threads
 
 
@@ -149,19 +146,8 @@ def run_soak(
         if url is None:
             if repository is None:
                 migrating = True
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-repo-")))
-                chosen = faults if faults is not None else default_faults(fault_rate)
-                repository = soak_repository(tmp / "models", [
-                    Fault(f.engine, f.kind, fault_rate if f.rate < 0 else f.rate, f.phase) for f in chosen
-                ])  # fmt: skip
-            log(f"starting tritonserver on {repository}")
-            server = TritonServer(model_repository=repository)  # its ports are chosen now
-            if engines_over == "grpc":
-                _pools_over_grpc(repository, server.grpc_port)
-            if streams_over:
-                config = repository / "orchestrator" / "config.pbtxt"
-                config.write_text(set_parameters(config.read_text(), {"streams_over": streams_over}))
-            server = stack.enter_context(server)
+                repository = _derive_repository(stack, faults, fault_rate)
+            server = _start_server(stack, repository, engines_over, streams_over, log)
             assert server.process is not None
             url, server_pid, metrics = server.grpc_url, server.process.pid, f"127.0.0.1:{server.metrics_port}"
             engines = [e for e in CONTEXT_ENGINES + GENERATION_ENGINES if (repository / e).is_dir()]
@@ -173,12 +159,40 @@ def run_soak(
         )  # fmt: skip
 
 
+def _derive_repository(stack: contextlib.ExitStack, faults: Sequence[Fault] | None, fault_rate: float) -> Path:
+    """A temporary faulty repository (`default_faults` unless `faults`; a fault's rate < 0
+    means `fault_rate`), removed when `stack` closes."""
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-repo-")))
+    chosen = faults if faults is not None else default_faults(fault_rate)
+    return soak_repository(tmp / "models", [
+        Fault(f.engine, f.kind, fault_rate if f.rate < 0 else f.rate, f.phase) for f in chosen
+    ])  # fmt: skip
+
+
+def _start_server(
+    stack: contextlib.ExitStack, repository: Path, engines_over: str, streams_over: str, log: Callable[[str], None]
+) -> TritonServer:
+    """Start tritonserver on `repository`, stopped when `stack` closes. The orchestrator's
+    parameters are set between choosing the ports and starting, as `engines_over="grpc"`
+    needs the server's own gRPC port."""
+    log(f"starting tritonserver on {repository}")
+    server = TritonServer(model_repository=repository)  # its ports are chosen now
+    if engines_over == "grpc":
+        _pools_over_grpc(repository, server.grpc_port)
+    if streams_over:
+        config = repository / "orchestrator" / "config.pbtxt"
+        config.write_text(set_parameters(config.read_text(), {"streams_over": streams_over}))
+    return stack.enter_context(server)
+
+
 def _soak(
     url: str, metrics: str | None, server_pid: int | None, server: TritonServer | None, engines: Sequence[str],
     requests: int, concurrency: int, time_limit_s: float, cancel_rate: float, seed: int, max_rss_growth_mib: float,
     warmup: int | None, request_timeout_s: float, leak_deadline_s: float, log: Callable[[str], None],
     migrating: bool = False, dump_dir: Path | None = None, show_progress: bool | None = False,
 ) -> SoakReport:  # fmt: skip
+    """The soak against a server already reached at `url`: run it, check for leaks after each
+    phase, then judge and report (`run_soak` owns the server's lifetime)."""
     plans = make_plans(requests, seed, cancel_rate)
     warm_n = min(len(plans), warmup if warmup is not None else max(200, len(plans) // 20))
     expected = expected_gauges(engines) if engines else set()
@@ -197,6 +211,36 @@ def _soak(
             leaked.update(bad)
             failures.append(f"leak after the {phase}: gauges not 0 within {leak_deadline_s:g}s: {bad}")
 
+    outcomes, problems, rss_warm_parts, duration = _run_phases(
+        url, plans, warm_n, concurrency, time_limit_s, request_timeout_s, server_pid, abort, check_drained, log,
+        show_progress,
+    )  # fmt: skip
+    if dump_dir is not None and server_pid and any(o.kind == "hung" for o in outcomes):
+        dump_threads(server_pid, dump_dir)
+        log(f"stacks of the server's processes: {dump_dir}")
+    check_drained("end")
+    died = watch.close()
+    rss_end_parts = process_rss_mib(server_pid) if server_pid and not abort.is_set() else {}
+
+    refs = references(outcomes)
+    migrations = migration_counts(metrics) if metrics is not None and not abort.is_set() else None
+    failures.extend(
+        judge(outcomes, refs, problems, died, migrating, rss_warm_parts, rss_end_parts, max_rss_growth_mib, server)
+    )
+    return build_report(
+        len(plans), concurrency, duration, outcomes, refs, rss_warm_parts, rss_end_parts, max_rss_growth_mib,
+        leak_wait, leaked, migrations, server, failures,
+    )  # fmt: skip
+
+
+def _run_phases(
+    url: str, plans: Sequence[Plan], warm_n: int, concurrency: int, time_limit_s: float, request_timeout_s: float,
+    server_pid: int | None, abort: threading.Event, check_drained: Callable[[str], None],
+    log: Callable[[str], None], show_progress: bool | None,
+) -> tuple[list[Outcome], list[str], dict[str, float], float]:  # fmt: skip
+    """The warm-up, its leak check and the memory baseline (so start-up allocations are not
+    counted as growth), then the rest of `plans`. Returns the outcomes, the client's
+    problems, the server's RSS per process after the warm-up, and the duration."""
     # Finished requests, warm-up and soak together: a bar on a terminal, else a log line per 500.
     bar = progress(len(plans), "soak", enabled=show_progress)
 
@@ -227,63 +271,7 @@ def _soak(
         )  # fmt: skip
     outcomes += more
     problems += more_problems
-    duration = time.monotonic() - start
-    if dump_dir is not None and server_pid and any(o.kind == "hung" for o in outcomes):
-        dump_threads(server_pid, dump_dir)
-        log(f"stacks of the server's processes: {dump_dir}")
-    check_drained("end")
-    died = watch.close()
-    rss_end_parts = process_rss_mib(server_pid) if server_pid and not abort.is_set() else {}
-    rss_end = sum(rss_end_parts.values()) if rss_end_parts else None
-
-    refs = references(outcomes)
-    if died:
-        failures.append(
-            f"server processes died during the soak: {sorted(died.values())}; a dead stub fails or strands every "
-            f"request of its model, so the soak stopped after {len(outcomes)} requests"
-        )  # fmt: skip
-    failures.extend(check_outcomes(outcomes, refs, migrating))
-    migrations = migration_counts(metrics) if metrics is not None and not abort.is_set() else None
-    failures.extend(problems)
-    growth = None if rss_warm is None or rss_end is None else rss_end - rss_warm
-    if growth is not None and growth > max_rss_growth_mib:
-        failures.append(
-            f"server RSS grew {growth:.1f} MiB ({rss_warm:.1f} -> {rss_end:.1f}), bound {max_rss_growth_mib:g} MiB"
-        )
-    if server is not None:
-        found = log_tracebacks(server.log_text())
-        if found:
-            failures.append(f"{len(found)} tracebacks in the server log; first: {found[0]!r}")
-    samples: dict[str, str] = {}
-    for o in outcomes:
-        if o.kind == "error":
-            samples.setdefault(o.code, o.message)
-    latencies = [o.latency_s for o in outcomes if o.kind == "ok"]
-    return SoakReport(
-        requests_planned=len(plans),
-        requests_sent=len(outcomes),
-        concurrency=concurrency,
-        duration_s=round(duration, 2),
-        requests_per_s=round(len(outcomes) / duration, 2) if duration > 0 else 0.0,
-        outcomes=dict(Counter(classify(o, refs) for o in outcomes)),
-        stops_sent=dict(Counter(o.stop_sent for o in outcomes if o.stop_sent)),
-        error_samples=samples,
-        error_kinds=dict(Counter(error_kind(o.message) for o in outcomes if o.kind == "error").most_common()),
-        latency_p50_s=round(percentile(latencies, 0.50), 4),
-        latency_p99_s=round(percentile(latencies, 0.99), 4),
-        rss_warm_mib=None if rss_warm is None else round(rss_warm, 1),
-        rss_end_mib=None if rss_end is None else round(rss_end, 1),
-        rss_growth_mib=None if growth is None else round(growth, 1),
-        max_rss_growth_mib=max_rss_growth_mib,
-        rss_growth_by_process_mib={
-            k: round(rss_end_parts[k] - rss_warm_parts[k], 1) for k in rss_warm_parts.keys() & rss_end_parts.keys()
-        },
-        leak_wait_s=leak_wait,
-        leaked=leaked,
-        migrations=migrations,
-        server_log=str(server.log_path) if server is not None and server.log_path else None,
-        failures=failures,
-    )
+    return outcomes, problems, rss_warm_parts, time.monotonic() - start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
