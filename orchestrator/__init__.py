@@ -11,6 +11,7 @@ Layers, bottom to top; a module imports only from its own layer or the ones belo
     routing      policies, pools, circuit breakers, prefix prediction
     serving      the orchestrator's request flow        | stub_engine  the stub engine
     ops, bench   deployment files, launch, access, supervisor | benchmark maths
+    frontend     the OpenAI-compatible HTTP server in front of the ensemble (imports wire, text)
     tools        the `disagg` command: launcher, client, deploy, benchmarks, soak
 
 `serving` and `stub_engine` sit side by side and never import each other.

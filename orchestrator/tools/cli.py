@@ -6,6 +6,7 @@
     disagg bench | compare | overhead | cpu-per-token           benchmarks (BENCHMARKS.md)
     disagg soak | stress-bls                                    long checks
     disagg metrics [--url HOST:PORT]                            what the servers hold
+    disagg openai [--triton-url HOST:PORT] [--port 9000]        OpenAI-compatible HTTP server
 
 Each subcommand is the `main(argv)` of one module of `orchestrator.tools`, imported only
 when it runs (the client does not pay for matplotlib); `disagg SUBCOMMAND --help` is that
@@ -18,7 +19,7 @@ import importlib
 import sys
 from typing import Sequence
 
-# subcommand -> (module in orchestrator.tools, one line of help)
+# subcommand -> (module in orchestrator.tools, or a dotted module path; one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("launch", "start tritonserver on a model repository, supervised (./scripts/serve)"),
     "client": ("client", "stream one completion through the ensemble over gRPC"),
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("soak", "thousands of mixed requests, stops and faults, then no-leak checks"),
     "stress-bls": ("stress_bls", "the BLS stub crash reproducer: fresh server per round"),
     "metrics": ("metrics", "print the disagg_* gauges a server holds"),
+    "openai": ("orchestrator.frontend.server", "OpenAI-compatible HTTP server in front of the ensemble"),
 }
 
 
@@ -48,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"disagg: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"orchestrator.tools.{COMMANDS[name][0]}")
+    target = COMMANDS[name][0]
+    module = importlib.import_module(target if "." in target else f"orchestrator.tools.{target}")
     sys.argv = [f"disagg {name}", *rest]  # argparse names the subcommand in its usage line
     return int(module.main(rest) or 0)
 

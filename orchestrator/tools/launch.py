@@ -15,6 +15,10 @@ else a random one; the command writes it to `--admin-key-file` (mode 0600, defau
 `.triton/admin-key`). Restricted-API flags of your own after `--` replace ours for their
 protocol. The server's environment gets `DISAGG_KV_SECRET` (`$DISAGG_KV_SECRET`, else a
 random one), which the stub engines sign KV handoffs with.
+
+Once the server is ready the command also starts the OpenAI-compatible frontend
+(`disagg openai`, orchestrator/frontend/) as a child on `--openai-port` (9000, loopback)
+and stops it on exit; `--no-openai` leaves it out.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from orchestrator.ops.access import (
     restriction_flags,
     write_private,
 )
+from orchestrator.tools.frontend_child import OpenAIFrontend
+from orchestrator.tools.supervised_run import model_control_args, run_in_foreground, run_supervised
 from orchestrator.tools.triton_install import (
     Installation,
     LaunchError,
@@ -250,81 +256,6 @@ class TritonServer:
         self.stop()
 
 
-def model_control_args(extra: Sequence[str]) -> list[str]:
-    """Explicit model control that loads the whole repository, unless the flags choose a mode:
-    the supervisor brings a model back through the repository API, which needs it."""
-    if any(arg.startswith("--model-control-mode") for arg in extra):
-        return []
-    return ["--model-control-mode=explicit", "--load-model=*"]
-
-
-def _kill_with_its_shm(proc: subprocess.Popen[bytes], regions: list[str]) -> float:
-    """SIGKILL a server and remove its stubs' shared memory; returns the seconds it took."""
-    started = time.monotonic()
-    proc.kill()
-    proc.wait()
-    for region in regions:
-        with contextlib.suppress(OSError):
-            os.unlink(f"/dev/shm/{region}")
-    return time.monotonic() - started
-
-
-def run_supervised(
-    command: list[str], env: dict[str, str], http_url: str, tick_s: float = 0.25,
-    restart_models: frozenset[str] = frozenset({"orchestrator"}),
-) -> int:  # fmt: skip
-    """Run tritonserver as a child and bring back any model whose python stub dies, until it exits.
-
-    A dead stub of `restart_models` strands its clients' requests (Triton 2.51 never ends
-    them), so then the whole server is replaced: SIGKILL (a graceful shutdown would wait
-    its exit timeout for the stranded requests), its stubs' shared memory removed (the
-    stubs end themselves when their server is gone), the same command started again.
-    SIGINT/SIGTERM to this process go on to the server (its graceful shutdown); the exit code
-    is the server's. The repository API is called with the header that `command`'s
-    restricted-API flags demand (the admin key). The logic is `orchestrator.ops.supervisor`;
-    this is only its loop.
-    """
-    from orchestrator.ops.supervisor import RestartServer, shm_regions, supervise
-
-    current: list[subprocess.Popen[bytes]] = []
-    stopping = False
-    needed = required_header(command, HTTP_FLAG)
-    headers = dict([needed]) if needed else {}
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        with contextlib.suppress(ProcessLookupError):
-            current[-1].send_signal(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-
-    def log(message: str) -> None:
-        print(f"supervisor {time.strftime('%H:%M:%S')}: {message}", file=sys.stderr, flush=True)
-
-    while True:
-        proc = subprocess.Popen(command, env=env)
-        current.append(proc)
-        restart = False
-        try:
-
-            def running(proc: subprocess.Popen[bytes] = proc) -> bool:
-                return proc.poll() is None and not stopping
-
-            for event in supervise(proc.pid, http_url, running, log, tick_s, restart_models, headers):
-                restart = isinstance(event, RestartServer)
-        finally:
-            if not restart and not stopping:  # the supervisor failed: take the server down with it
-                with contextlib.suppress(ProcessLookupError):
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)
-        if not restart or stopping:
-            code = proc.wait()
-            return code if code >= 0 else 128 - code
-        log(f"server stopped in {_kill_with_its_shm(proc, shm_regions(proc.pid)):.1f}s; starting it again")
-
-
 def publish_admin_key(server: TritonServer, path: Path) -> bool:
     """Say how the admin APIs are locked, and write our key to `path` (0600) for the people
     and tools that need it. False when it could not be written and nobody else has it."""
@@ -371,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"where the admin key is written, mode 0600 (default: {DEFAULT_ADMIN_KEY_FILE}); "
         f"the key is ${ADMIN_KEY_ENV} if set, else a new random one",
     )  # fmt: skip
+    parser.add_argument("--openai-port", type=int, default=9000,
+                        help="port of the OpenAI-compatible frontend (disagg openai), on loopback")  # fmt: skip
+    parser.add_argument("--no-openai", action="store_true", help="do not start the OpenAI-compatible frontend")
     parser.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
     extra = [*model_control_args(args.extra), *args.extra]
@@ -394,10 +328,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not publish_admin_key(server, args.admin_key_file):
         return 2
-    if not supervised:  # foreground: the server's log goes to the terminal, Ctrl-C stops it
+    openai = None if args.no_openai else OpenAIFrontend(server, args.openai_port)
+    if not supervised and openai is None:  # foreground: the server's log goes to the terminal, Ctrl-C stops it
         os.execve(str(install.binary), server.command(install), server.environment(install))
     restart = frozenset(m for m in args.restart_server_on.split(",") if m)
-    return run_supervised(server.command(install), server.environment(install), server.http_url, restart_models=restart)
+    with contextlib.ExitStack() as stack:
+        if openai is not None:
+            stack.enter_context(openai)
+        if not supervised:
+            return run_in_foreground(server.command(install), server.environment(install))
+        return run_supervised(
+            server.command(install), server.environment(install), server.http_url, restart_models=restart
+        )  # fmt: skip
+    return 0  # unreachable; mypy cannot tell
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def launched(tmp_path: Path) -> Iterator[Launched]:
     out = open(log, "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "disagg"), "serve", "--http-port", str(http), "--grpc-port", str(grpc),
-         "--metrics-port", str(metrics), "--admin-key-file", str(key_file)],
+         "--metrics-port", str(metrics), "--admin-key-file", str(key_file), "--openai-port", str(free_port())],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     server = Launched(proc, f"127.0.0.1:{http}", log, key_file)

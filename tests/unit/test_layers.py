@@ -19,7 +19,20 @@ ALLOWED: dict[str, set[str]] = {
     "stub_engine": {"wire", "telemetry", "runtime"},
     "ops": {"wire", "text", "telemetry", "runtime", "clients", "routing", "serving", "stub_engine"},
     "bench": {"wire", "text"},
-    "tools": {"wire", "text", "telemetry", "runtime", "clients", "routing", "serving", "stub_engine", "ops", "bench"},
+    "frontend": {"wire", "text"},
+    "tools": {
+        "wire",
+        "text",
+        "telemetry",
+        "runtime",
+        "clients",
+        "routing",
+        "serving",
+        "stub_engine",
+        "ops",
+        "bench",
+        "frontend",
+    },  # fmt: skip
 }
 
 
