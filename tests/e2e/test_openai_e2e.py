@@ -3,6 +3,10 @@ real tritonserver (free engines) and the frontend in a thread on a free port."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -197,3 +201,39 @@ def test_eight_concurrent_clients(client: OpenAI, server: TritonServer) -> None:
         texts = list(pool.map(one, range(8)))
     assert all(texts)
     assert wait_released(server.metrics_url) == {}
+
+
+def test_disagg_serve_starts_the_frontend_the_readme_uses(tmp_path: Path) -> None:
+    """The README's first command, as a user runs it: `disagg serve` (what ./scripts/serve
+    runs) brings the OpenAI API up next to tritonserver; a chat completion through the
+    official client works; Ctrl-C (SIGINT) takes both down."""
+    http, grpc, metrics, port = free_port(), free_port(), free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "disagg"), "serve", "--http-port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics), "--openai-port", str(port), "--admin-key-file", str(tmp_path / "key")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"{base}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        chat = OpenAI(base_url=f"{base}/v1", api_key="none").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8
+        )
+        assert chat.choices[0].message.content and chat.usage is not None and chat.usage.completion_tokens <= 8
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=90)
+    assert code == 0, log.read_text(errors="replace")[-3000:]
+    assert not _answers(f"{base}/health")  # the frontend went with it
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
