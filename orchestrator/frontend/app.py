@@ -72,6 +72,7 @@ class FrontendConfig:
     ensemble: str = "ensemble"
     tokenizer_dir: str | None = None
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    log_requests: bool = False  # one INFO line per finished request, with its id (the Triton request id)
 
 
 def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -162,8 +163,8 @@ class Frontend:
         gauge.inc()
         handed_over = False
         status = 500
+        rid = request.headers.get("x-request-id") or f"oai-{uuid.uuid4().hex}"
         try:
-            rid = request.headers.get("x-request-id") or f"oai-{uuid.uuid4().hex}"
             try:
                 if not _REQUEST_ID.match(rid):
                     raise bad_request(None, "header 'x-request-id' must be 1-128 characters of [A-Za-z0-9._:@/+=-]")
@@ -199,7 +200,7 @@ class Frontend:
         finally:
             if not handed_over:
                 gauge.dec()
-                self.metrics.finished(endpoint, outcome_of(status), time.monotonic() - started)
+                self.finished(endpoint, rid, outcome_of(status), started)
 
     async def collect(self, gen: Generation, stream: RequestStream, first: Reply, rid: str) -> Response:
         matcher = StopMatcher(gen.stop)
@@ -277,7 +278,15 @@ class Frontend:
             else:  # the client went away (or we failed): end the request on the engines now
                 self.in_background(self.stop_request(stream, rid))
             self.metrics.in_flight.labels(endpoint).dec()
-            self.metrics.finished(endpoint, outcome, time.monotonic() - started)
+            self.finished(endpoint, rid, outcome, started)
+
+    def finished(self, endpoint: str, rid: str, outcome: str, started: float) -> None:
+        """Count a finished request; with log_requests, one line naming its id (which is also
+        its Triton request id, so the orchestrator's request log shows the same one)."""
+        seconds = time.monotonic() - started
+        self.metrics.finished(endpoint, outcome, seconds)
+        if self.config.log_requests:
+            log.info("request id=%s endpoint=%s outcome=%s seconds=%.3f", rid, endpoint, outcome, seconds)
 
     async def shutdown(self) -> None:
         if self._background:

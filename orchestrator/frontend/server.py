@@ -10,6 +10,7 @@ tritonserver). It listens on loopback by default: it has no authentication of it
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -31,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
         help="max_tokens of a chat request that sets neither max_tokens nor max_completion_tokens",
     )  # fmt: skip
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-requests", action="store_true", help="one line per finished request, with its id")
     return p
 
 
@@ -38,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = FrontendConfig(
         triton_url=args.triton_url, model_name=args.model_name, ensemble=args.ensemble,
-        tokenizer_dir=args.tokenizer_dir, default_max_tokens=args.default_max_tokens,
+        tokenizer_dir=args.tokenizer_dir, default_max_tokens=args.default_max_tokens, log_requests=args.log_requests,
     )  # fmt: skip
+    if args.log_requests:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("disagg.frontend").setLevel(logging.INFO)
     print(f"openai frontend on http://{args.host}:{args.port}/v1 -> {args.triton_url} ({args.ensemble})", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -3,6 +3,7 @@ real tritonserver (free engines) and the frontend in a thread on a free port."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def frontend(server: TritonServer) -> Iterator[str]:
     """The ASGI app under uvicorn in a thread; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(FrontendConfig(triton_url=server.grpc_url, model_name=MODEL)),
+        create_app(FrontendConfig(triton_url=server.grpc_url, model_name=MODEL, log_requests=True)),
         host="127.0.0.1", port=port, log_level="warning",
     )  # fmt: skip
     uv = uvicorn.Server(config)
@@ -237,3 +238,16 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_every_request_is_logged_with_its_id(client: OpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    """log_requests: one line per finished request naming its id, the Triton request id."""
+    with caplog.at_level(logging.INFO, logger="disagg.frontend"):
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, extra_headers={"x-request-id": "oai-logged-1"}
+        )
+        deadline = time.monotonic() + 10
+        while "id=oai-logged-1" not in caplog.text:  # written by the server thread once the answer is sent
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+    assert "endpoint=/v1/completions outcome=ok" in caplog.text
