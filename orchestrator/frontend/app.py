@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -202,38 +202,47 @@ class Frontend:
                 gauge.dec()
                 self.finished(endpoint, rid, outcome_of(status), started)
 
+    async def texts(self, stream: RequestStream, first: Reply, rid: str, run: _Run) -> AsyncGenerator[str, None]:
+        """The request's text piece by piece, stop strings cut (StopMatcher). When a stop
+        string matched before the ensemble ended, the ensemble is told to stop and its last
+        replies drained. `run.last` ends as the last reply (its token counts)."""
+        reply = first
+        while True:
+            text = run.matcher.feed(reply.text)
+            run.last = reply
+            if text:
+                yield text
+            if run.matcher.stopped and not reply.final:
+                await self.client.stop(rid)
+                run.last = await stream.drain() or run.last
+                break
+            if reply.final:
+                break
+            reply = await stream.next()
+        tail = run.matcher.flush()
+        if tail:
+            yield tail
+
     async def collect(self, gen: Generation, stream: RequestStream, first: Reply, rid: str) -> Response:
-        matcher = StopMatcher(gen.stop)
-        parts, last, reply = [], first, first
+        run = _Run(StopMatcher(gen.stop), first)
         try:
-            while True:
-                parts.append(matcher.feed(reply.text))
-                last = reply
-                if matcher.stopped and not reply.final:
-                    await self.client.stop(rid)
-                    last = await stream.drain() or last
-                    break
-                if reply.final:
-                    break
-                reply = await stream.next()
+            async with contextlib.aclosing(self.texts(stream, first, rid, run)) as texts:
+                text = "".join([piece async for piece in texts])
         except TritonError as exc:
             return error_response(classify(exc))
         finally:
             stream.close()
-        parts.append(matcher.flush())
-        prompt_tokens, completion_tokens = first.num_input_tokens or 0, last.num_output_tokens or 0
-        finish = finish_reason(matcher.stopped, last.num_output_tokens, gen.max_tokens)
-        body = full_body(gen.kind, _response_id(gen.kind, rid), gen.model, now(), "".join(parts), finish,
-                         usage(prompt_tokens, completion_tokens))  # fmt: skip
+        finish = finish_reason(run.matcher.stopped, run.last.num_output_tokens, gen.max_tokens)
+        body = full_body(gen.kind, _response_id(gen.kind, rid), gen.model, now(), text, finish,
+                         usage(first.num_input_tokens or 0, run.last.num_output_tokens or 0))  # fmt: skip
         return JSONResponse(body)
 
     async def stream_events(
         self, gen: Generation, stream: RequestStream, first: Reply, rid: str, started: float, endpoint: str
     ) -> AsyncIterator[bytes]:
-        matcher = StopMatcher(gen.stop)
+        run = _Run(StopMatcher(gen.stop), first)
         created, cid = now(), _response_id(gen.kind, rid)
         outcome, done, sent_text = "disconnected", False, False
-        last, reply = first, first
 
         def piece(text: str | None, finish: str | None = None, first: bool = False) -> bytes:
             return sse(chunk(gen.kind, cid, gen.model, created, text, finish, first=first,
@@ -242,28 +251,16 @@ class Frontend:
         try:
             if gen.kind == "chat":
                 yield piece("", first=True)
-            while True:
-                text = matcher.feed(reply.text)
-                last = reply
-                if text:
+            async with contextlib.aclosing(self.texts(stream, first, rid, run)) as texts:
+                async for text in texts:
                     if not sent_text:
                         sent_text = True
                         self.metrics.ttft.labels(endpoint).observe(time.monotonic() - started)
                     yield piece(text)
-                if matcher.stopped and not reply.final:
-                    await self.client.stop(rid)
-                    last = await stream.drain() or last
-                    break
-                if reply.final:
-                    break
-                reply = await stream.next()
-            tail = matcher.flush()
-            if tail:
-                yield piece(tail)
-            yield piece(None, finish_reason(matcher.stopped, last.num_output_tokens, gen.max_tokens))
+            yield piece(None, finish_reason(run.matcher.stopped, run.last.num_output_tokens, gen.max_tokens))
             if gen.include_usage:
                 body = chunk(gen.kind, cid, gen.model, created, None, include_usage=True,
-                             usage_body=usage(first.num_input_tokens or 0, last.num_output_tokens or 0))  # fmt: skip
+                             usage_body=usage(first.num_input_tokens or 0, run.last.num_output_tokens or 0))  # fmt: skip
                 yield sse(body)
             yield sse("[DONE]")
             outcome, done = "ok", True
@@ -292,6 +289,14 @@ class Frontend:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.client.close()
+
+
+@dataclass
+class _Run:
+    """A request's replies as they are read: the stop-string matcher and the last reply."""
+
+    matcher: StopMatcher
+    last: Reply
 
 
 def _response_id(kind: Kind, rid: str) -> str:
