@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from orchestrator.text.tokenizer import read_tokenizer_config, token_content
 from orchestrator.wire.errors import InvalidInput
 
 ROLES: Final = ("system", "user", "assistant")
@@ -181,13 +182,6 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.source} failed to render: {type(exc).__name__}: {exc}") from exc
 
 
-def _token_content(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    content = value.get("content") if isinstance(value, Mapping) else None
-    return content if isinstance(content, str) else ""
-
-
 def _pick_template(value: Any, path: str) -> str | None:
     if value is None:
         return None
@@ -213,16 +207,11 @@ def load_chat_template(tokenizer_dir: str | None) -> ChatTemplate:
     if not os.path.isdir(tokenizer_dir):
         raise ChatTemplateError(f"tokenizer directory does not exist: {tokenizer_dir!r}")
     config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    config: Any = {}
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ChatTemplateError(f"cannot read tokenizer config {config_path!r}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ChatTemplateError(f"tokenizer config {config_path!r} is not a JSON object")
-    special = {name: _token_content(config.get(name)) for name in _SPECIAL_TOKENS}
+    try:
+        config = read_tokenizer_config(config_path)
+    except ValueError as exc:
+        raise ChatTemplateError(str(exc)) from exc
+    special = {name: token_content(config.get(name)) or "" for name in _SPECIAL_TOKENS}
     jinja_path = os.path.join(tokenizer_dir, "chat_template.jinja")
     if os.path.isfile(jinja_path):
         try:

@@ -197,7 +197,22 @@ class BuiltinTokenizer:
         return out.decode("utf-8", errors="replace")
 
 
-def _token_content(value: Any) -> str | None:
+def read_tokenizer_config(path: str) -> Mapping[str, Any]:
+    """A tokenizer folder's tokenizer_config.json: optional ({} when absent); a present but
+    broken one is a deployment error (ValueError)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read tokenizer config {path!r}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"tokenizer config {path!r} is not a JSON object")
+    return config
+
+
+def token_content(value: Any) -> str | None:
     """tokenizer_config.json spells special tokens as a str or {"content": str}."""
     if isinstance(value, str):
         return value
@@ -224,27 +239,13 @@ class HuggingFaceTokenizer:
             self._tok = _HFTokenizer.from_file(path)
         except Exception as exc:  # the Rust side raises a bare Exception
             raise ValueError(f"cannot load tokenizer file {path!r}: {exc}") from exc
-        config = self._read_config(os.path.join(tokenizer_dir, "tokenizer_config.json"))
+        config = read_tokenizer_config(os.path.join(tokenizer_dir, "tokenizer_config.json"))
         self._eos_id = self._resolve(config.get("eos_token"), eos_id)
         self._pad_id = self._resolve(config.get("pad_token"), pad_id)
         self._name = "hf:" + os.path.basename(os.path.normpath(tokenizer_dir))
 
-    @staticmethod
-    def _read_config(path: str) -> Mapping[str, Any]:
-        """Optional file; a present but broken one is a deployment error."""
-        if not os.path.isfile(path):
-            return {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read tokenizer config {path!r}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ValueError(f"tokenizer config {path!r} is not a JSON object")
-        return config
-
     def _resolve(self, value: Any, fallback: int) -> int:
-        content = _token_content(value)
+        content = token_content(value)
         token_id = self._tok.token_to_id(content) if content is not None else None
         return fallback if token_id is None else int(token_id)
 
