@@ -30,7 +30,8 @@ KV cache (`kv_cache.py`, `block_pool.py`):
   `*` for any) whose transfer servers this engine pulls KV from; its own
   `kv_transfer_host` is always allowed.
 - `tensor_parallel_size`, `pipeline_parallel_size` (1, 1): the simulated layout of the
-  KV blocks (must divide the model's 4 heads / 4 layers).
+  KV blocks (must divide the model's 8 KV heads / 4 layers); tensor parallelism also
+  scales the cost model (below).
 - `cancel_check_ms` (50): how often the loop asks whether clients cancelled; each check is
   an IPC round trip per request in the python backend, so not every step.
 
@@ -68,6 +69,15 @@ arithmetic on those public figures rather than from a benchmark:
   bandwidth -> 49 ns;
 - overhead: 0.5 ms per step for scheduling and kernel launches (an assumption);
 - transfer: 128 KiB per token over one 200 Gb/s (25 GB/s) RDMA NIC -> 5.2 us/token.
+
+Tensor parallelism (`tensor_parallel_size` = tp GPUs per engine): each GPU holds 1/tp of
+the weights and of every token's K/V, so prefill compute, the decode step's weight read,
+the per-sequence compute, the attended KV and the KV transfer (each GPU's shard over its
+own NIC) all divide by tp. What tp adds is its all-reduces (two per layer):
+- `tp_comm_us_per_token` (1.2) x 2(tp-1)/tp per prefilled token: a ring all-reduce of
+  64 x 8 KiB of activations per token (32 layers x 2 x 4096 x 2 bytes) at 450 GB/s NVLink;
+- `tp_comm_ms_per_step` (0.5) per step when tp > 1: 64 small all-reduces at ~8 us latency.
+`pipeline_parallel_size` only lays out the blocks: it does not change the modelled time.
 """
 
 from __future__ import annotations
@@ -112,6 +122,8 @@ class EngineConfig:
     decode_us_per_seq: float = 32.0
     decode_ns_per_kv_token: float = 49.0
     transfer_us_per_token: float = 5.2
+    tp_comm_us_per_token: float = 1.2
+    tp_comm_ms_per_step: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
@@ -173,15 +185,21 @@ class EngineConfig:
         return cls(**{**zero, **overrides})  # type: ignore[arg-type]
 
     def step_seconds(self, prefill_tokens: int, decoding: int, kv_tokens: int = 0) -> float:
-        """Modelled GPU time of one step with these contents."""
-        ms = self.step_overhead_ms + self.prefill_us_per_token * prefill_tokens / 1e3
+        """Modelled GPU time of one step with these contents (on all tp GPUs at once)."""
+        tp = self.tensor_parallel_size
+        ring = 2 * (tp - 1) / tp  # the share of a ring all-reduce's bytes each GPU sends
+        per_token_us = self.prefill_us_per_token / tp + self.tp_comm_us_per_token * ring
+        ms = self.step_overhead_ms + per_token_us * prefill_tokens / 1e3
+        if tp > 1:
+            ms += self.tp_comm_ms_per_step
         if decoding:
             ms += (
                 self.decode_ms_per_step
                 + self.decode_us_per_seq * decoding / 1e3
                 + self.decode_ns_per_kv_token * kv_tokens / 1e6
-            )
+            ) / tp
         return ms / 1e3
 
     def transfer_seconds(self, tokens: int) -> float:
-        return self.transfer_us_per_token * tokens / 1e6
+        """Modelled time to pull `tokens` tokens of K/V (each of the tp GPUs pulls its shard)."""
+        return self.transfer_us_per_token * tokens / 1e6 / self.tensor_parallel_size

@@ -35,10 +35,10 @@ for generation_only), `endings.py` (finish, fail, stop, cancellation), `faults.p
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Callable
 
+from orchestrator.stub_engine.backing import backing
 from orchestrator.stub_engine.block_pool import BlockPool
+from orchestrator.stub_engine.clock import EngineClock
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.endings import Endings
 from orchestrator.stub_engine.faults import HELD, slow_step_s
@@ -46,13 +46,12 @@ from orchestrator.stub_engine.intake import Intake
 from orchestrator.stub_engine.kv_auth import KeyRing
 from orchestrator.stub_engine.kv_cache import Allocation, KVCacheManager
 from orchestrator.stub_engine.kv_exchange import KvExchange
-from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.leases import LeaseTable
 from orchestrator.stub_engine.model_work import SequenceWork
 from orchestrator.stub_engine.pulls import KvPulls
 from orchestrator.stub_engine.queues import SequenceQueues
 from orchestrator.stub_engine.sequence import EngineSequence, Sink, max_slots
-from orchestrator.stub_engine.tiny_model import InductionModel, SequenceKV
+from orchestrator.stub_engine.tiny_model import SequenceKV
 from orchestrator.stub_engine.transfer import KVTransport
 from orchestrator.telemetry.recorder import ENGINE_SPECS, Telemetry
 from orchestrator.telemetry.registry import MemoryRegistry
@@ -71,20 +70,25 @@ class EngineCore:
         name: str,
         config: EngineConfig,
         transport: KVTransport | None = None,
-        clock_ns: Callable[[], int] = time.time_ns,
+        clock: EngineClock | None = None,
         telemetry: Telemetry | None = None,
         keys: KeyRing | None = None,
+        symbolic: bool = False,
     ) -> None:
+        """`symbolic`: no K/V data and no transfer server (the simulator: `backing.py`); its
+        KV pulls go through `transport`, which must then be given."""
+        if symbolic and transport is None:
+            raise ValueError("a symbolic engine serves no transfer server: give it an in-process transport")
         self.name = name
         self.telemetry = telemetry or Telemetry(MemoryRegistry(ENGINE_SPECS), deferred=False)
         self.config = config
         self.geometry = config.geometry
-        self.model = InductionModel(self.geometry)
-        self.store = KVStore(self.geometry, config.layout, config.num_kv_blocks, shared=True, label=name)
+        self.model, self.store = backing(name, config, symbolic)
         self.kv = KVCacheManager(BlockPool(config.num_kv_blocks), config.tokens_per_block, config.enable_kv_cache_reuse)
         self.leases = LeaseTable(self.kv, config.kv_lease_timeout_s, on_release=self._wake)
-        self.exchange = KvExchange(name, config, self.store, self.leases, keys, transport)
-        self._clock_ns = clock_ns
+        self.exchange = KvExchange(name, config, self.store, self.leases, keys, transport, listen=not symbolic)
+        self.clock = clock = clock or EngineClock()
+        clock_ns = self._clock_ns = clock.now_ns
         self.queues = SequenceQueues()
         self.intake = Intake(name, config, self.kv, self.exchange, self.telemetry, clock_ns)
         self.endings = Endings(self.queues, self.kv, self.leases, self._wake, clock_ns, config.cancel_check_ms / 1e3)
@@ -93,14 +97,14 @@ class EngineCore:
         )
         self.pulls = KvPulls(
             name, config, self.model, self.store, self.kv, self.exchange, self.telemetry, self.queues,
-            self.endings, self._wake, clock_ns,
+            self.endings, self._wake, clock,
         )  # fmt: skip
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()  # something finished or was released (wait_idle listens)
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closed = False
-        self._step_end_s = 0.0  # when the last step's modelled time ended (perf_counter)
+        self._step_end_s = 0.0  # when the last step's modelled time ended (clock.elapsed_s)
         self.steps = 0
         self.step_log: list[tuple[int, int, int]] = []  # per step: (prefill tokens, decoding, admitted); tests read it
 
@@ -227,7 +231,8 @@ class EngineCore:
         # The host work since the last step's modelled time ended (streaming its outputs,
         # scheduling) overlaps this step's GPU time, as in a real engine, whose GPU computes
         # the next step while the CPU sends responses: count it, up to one step's worth.
-        now_s = time.perf_counter()
+        elapsed = self.clock.elapsed_s
+        now_s = elapsed()
         started = self._step_end_s if now_s - self._step_end_s <= MAX_OVERLAP_S else now_s
         prefill_tokens = 0
         for seq in admitted:
@@ -240,8 +245,8 @@ class EngineCore:
         self.step_log.append((prefill_tokens, len(decoding), len(admitted)))
         cost = self.config.step_seconds(prefill_tokens, len(decoding), kv_tokens)
         cost += slow_step_s(self.config, (s.fault for s in (*admitted, *decoding)))
-        await asyncio.sleep(max(0.0, cost - (time.perf_counter() - started)))
-        self._step_end_s = time.perf_counter()
+        await asyncio.sleep(max(0.0, cost - (elapsed() - started)))
+        self._step_end_s = elapsed()
         now = self._clock_ns()
         for seq in admitted:
             if not seq.done:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from orchestrator.stub_engine.backing import BlockStore
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.handoff import Handoff, check_handoff
 from orchestrator.stub_engine.kv_auth import KeyRing, PeerHosts, PulledHandoffs
-from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.leases import LeaseTable
 from orchestrator.stub_engine.transfer import KVTransport, TransferServer, close_transport, host_id, make_transport
 from orchestrator.wire.block_hash import prompt_digest
@@ -25,10 +25,13 @@ class KvExchange:
     """Issues, checks and pulls handoffs for engine `name`; serves its leases."""
 
     def __init__(
-        self, name: str, config: EngineConfig, store: KVStore, leases: LeaseTable,
-        keys: KeyRing | None = None, transport: KVTransport | None = None,
+        self, name: str, config: EngineConfig, store: BlockStore, leases: LeaseTable,
+        keys: KeyRing | None = None, transport: KVTransport | None = None, listen: bool = True,
     ) -> None:  # fmt: skip
+        """`listen`: serve this engine's leases over the network (off in the simulator, whose
+        in-process transport reads them straight from the engine)."""
         self.name, self.config, self.store = name, config, store
+        self.listen = listen
         self.keys = keys or KeyRing.load(config.kv_secret_file, config.kv_secret_env)
         self.peers = PeerHosts(config.kv_peer_hosts, config.kv_transfer_host)
         self.pulled = PulledHandoffs()
@@ -37,7 +40,8 @@ class KvExchange:
         self.host_id = host_id()
 
     async def start(self) -> None:
-        await self.server.start()
+        if self.listen:
+            await self.server.start()
 
     async def close(self) -> None:
         await self.server.close()

@@ -31,7 +31,7 @@ class Geometry:
     """The stub model's shape; both sides of a transfer must agree on it."""
 
     layers: int = 4
-    heads: int = 4
+    heads: int = 8  # Llama-3.1-8B's KV heads: tensor_parallel_size up to 8 divides them
     head_dim: int = 2
     tokens_per_block: int = 32
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from orchestrator.stub_engine.backing import BlockStore, ModelRules
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.endings import Endings
 from orchestrator.stub_engine.faults import context_crash, stream_crash
 from orchestrator.stub_engine.kv_cache import KVCacheManager
 from orchestrator.stub_engine.kv_exchange import KvExchange
-from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.leases import LeaseTable
 from orchestrator.stub_engine.sequence import EngineSequence, output_for, take_token
-from orchestrator.stub_engine.tiny_model import InductionModel
 from orchestrator.wire.contract import RequestType
 from orchestrator.wire.errors import as_request_error
 
@@ -30,8 +29,8 @@ class SequenceWork:
         self,
         name: str,
         config: EngineConfig,
-        model: InductionModel,
-        store: KVStore,
+        model: ModelRules,
+        store: BlockStore,
         kv: KVCacheManager,
         leases: LeaseTable,
         exchange: KvExchange,

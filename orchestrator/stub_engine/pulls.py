@@ -9,18 +9,17 @@ wait out the modelled transfer time) and hands the sequence back as ready, or fa
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Callable
 
+from orchestrator.stub_engine.backing import BlockStore, ModelRules
+from orchestrator.stub_engine.clock import EngineClock
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.endings import Endings
 from orchestrator.stub_engine.kv_cache import KVCacheManager
 from orchestrator.stub_engine.kv_exchange import KvExchange
 from orchestrator.stub_engine.kv_layout import convert
-from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.queues import SequenceQueues
 from orchestrator.stub_engine.sequence import EngineSequence
-from orchestrator.stub_engine.tiny_model import InductionModel
 from orchestrator.telemetry.recorder import Telemetry
 from orchestrator.wire.errors import as_request_error
 
@@ -29,15 +28,16 @@ class KvPulls:
     """Runs the pulls of engine `name`: a sequence in `queues.pulling` moves to `queues.ready`."""
 
     def __init__(
-        self, name: str, config: EngineConfig, model: InductionModel, store: KVStore, kv: KVCacheManager,
+        self, name: str, config: EngineConfig, model: ModelRules, store: BlockStore, kv: KVCacheManager,
         exchange: KvExchange, telemetry: Telemetry, queues: SequenceQueues, endings: Endings,
-        wake: Callable[[], None], clock_ns: Callable[[], int],
+        wake: Callable[[], None], clock: EngineClock,
     ) -> None:  # fmt: skip
         self.name, self.config, self.model, self.store, self.kv = name, config, model, store, kv
         self.exchange, self.telemetry, self.queues, self.endings = exchange, telemetry, queues, endings
         self.geometry = config.geometry
         self._wake = wake
-        self._clock_ns = clock_ns
+        self._clock_ns = clock.now_ns
+        self._elapsed = clock.elapsed_s
 
     def begin(self, seq: EngineSequence) -> None:
         """Start pulling the KV of an admitted sequence (its blocks already held)."""
@@ -47,7 +47,7 @@ class KvPulls:
     async def _pull(self, seq: EngineSequence) -> None:
         handoff, alloc, kv = seq.handoff, seq.alloc, seq.kv
         assert handoff is not None and alloc is not None and kv is not None
-        started = time.perf_counter()
+        started = self._elapsed()
         try:
             first, count = alloc.reused, self.kv.blocks_for(handoff.num_tokens) - alloc.reused
             shards = await self.exchange.pull(handoff, first, count)
@@ -59,9 +59,9 @@ class KvPulls:
             self.kv.commit(alloc, seq.tokens)
             self.exchange.pulled_ok(handoff, self._clock_ns())
             pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
-            await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (time.perf_counter() - started)))
+            await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (self._elapsed() - started)))
             engine = {"engine": self.name}
-            self.telemetry.observe("disagg_engine_kv_transfer_seconds", engine, time.perf_counter() - started)
+            self.telemetry.observe("disagg_engine_kv_transfer_seconds", engine, self._elapsed() - started)
             self.telemetry.observe("disagg_engine_kv_transfer_bytes", engine, float(getattr(shards, "nbytes", 0)))
         except asyncio.CancelledError:
             raise  # whoever cancelled (cancellation, shutdown) has ended the sequence

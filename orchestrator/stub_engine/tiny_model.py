@@ -6,8 +6,8 @@ order, or in the wrong parallel layout produces different tokens, and the aggreg
 disaggregated paths agree only if the cache crossed intact.
 
 What a position's K/V holds. Position p (token t_p, previous token t_{p-1}) stores four
-32-bit values, each spread over every (layer, head) pair as 2-bit digits (16 pairs x
-2 bits), and each digit stored as `digit * w + b` with fixed weights `w`, `b` per (layer,
+32-bit values, each spread over every (layer, head) pair as 1-bit digits (32 pairs x
+1 bit; fewer pairs get wider digits), and each digit stored as `digit * w + b` with fixed weights `w`, `b` per (layer,
 K/V, head, dim) drawn from a seeded generator:
 
     K[.., dim 0] = t_{p-1} + 1  (0 at p = 0)     K[.., dim 1] = p
@@ -39,7 +39,7 @@ from orchestrator.stub_engine.kv_store import KVStore
 
 _MASK = 0xFFFFFFFF
 MODEL_SEED = 20261121
-BITS = 2  # digit width; layers * heads * BITS must cover 32 bits
+MAX_SLOTS = 32  # (layer, head) pairs a 32-bit value can spread over, one bit each at least
 
 
 def _mix(*values: int) -> int:
@@ -67,24 +67,25 @@ class InductionModel:
     def __init__(self, geometry: Geometry) -> None:
         self.geometry = geometry
         slots = geometry.layers * geometry.heads
-        if slots * BITS < 32 or geometry.head_dim < 2:
-            raise ValueError(f"the model needs layers*heads >= {32 // BITS} and head_dim >= 2, got {geometry}")
+        if slots > MAX_SLOTS or geometry.head_dim < 2:
+            raise ValueError(f"the model needs layers*heads <= {MAX_SLOTS} and head_dim >= 2, got {geometry}")
+        self._bits = -(-32 // slots)  # digit width: every pair holds a digit of every value
         rng = np.random.default_rng(MODEL_SEED)
         shape = (geometry.layers, 2, geometry.heads, geometry.head_dim)
         self._w = rng.uniform(0.5, 2.0, shape).astype(DTYPE)
         self._b = rng.uniform(-1.0, 1.0, shape).astype(DTYPE)
-        self._shifts = (np.arange(slots, dtype=np.uint64) * BITS).reshape(geometry.layers, geometry.heads)
+        self._shifts = (np.arange(slots, dtype=np.uint64) * self._bits).reshape(geometry.layers, geometry.heads)
 
     # -- encoding ---------------------------------------------------------------------
     def _encode(self, kv: int, dim: int, values: np.ndarray, out: np.ndarray) -> None:
         """out[:, :, kv, :, dim] = digits of `values` (uint32 [n]) scaled by this slot's weights."""
-        digits = (values[:, None, None].astype(np.uint64) >> self._shifts[None]) & ((1 << BITS) - 1)
+        digits = (values[:, None, None].astype(np.uint64) >> self._shifts[None]) & ((1 << self._bits) - 1)
         out[:, :, kv, :, dim] = digits.astype(DTYPE) * self._w[None, :, kv, :, dim] + self._b[None, :, kv, :, dim]
 
     def _decode(self, kv: int, dim: int, slots: np.ndarray) -> np.ndarray:
         """Inverse of _encode for canonical slots [n, L, 2, H, D] -> int64 values [n]."""
         x = (slots[:, :, kv, :, dim] - self._b[None, :, kv, :, dim]) / self._w[None, :, kv, :, dim]
-        digits = np.clip(np.rint(x), 0, (1 << BITS) - 1).astype(np.uint64)
+        digits = np.clip(np.rint(x), 0, (1 << self._bits) - 1).astype(np.uint64)
         return (digits << self._shifts[None]).sum(axis=(1, 2)).astype(np.int64)
 
     def kv_values(self, tokens: Sequence[int], start: int, previous: int | None) -> np.ndarray:

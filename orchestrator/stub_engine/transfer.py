@@ -39,10 +39,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from orchestrator.stub_engine.backing import BlockStore
 from orchestrator.stub_engine.handoff import Handoff
 from orchestrator.stub_engine.kv_auth import MAC_LEN, NONCE_LEN, KeyRing
 from orchestrator.stub_engine.kv_layout import DTYPE
-from orchestrator.stub_engine.kv_store import KVStore, attach, is_store_name
+from orchestrator.stub_engine.kv_store import attach, is_store_name
 from orchestrator.stub_engine.leases import LeaseTable
 from orchestrator.wire.errors import KVCacheGone
 
@@ -69,7 +70,7 @@ def host_id() -> str:
 class TransferServer:
     """Serves one context engine's leases to pullers (see the module docstring)."""
 
-    def __init__(self, store: KVStore, leases: LeaseTable, keys: KeyRing, host: str = "127.0.0.1") -> None:
+    def __init__(self, store: BlockStore, leases: LeaseTable, keys: KeyRing, host: str = "127.0.0.1") -> None:
         self.store, self.leases, self.keys, self.host = store, leases, keys, host
         self.port = 0
         self.refused = 0  # pulls refused for a missing or wrong MAC (tests and logs read it)

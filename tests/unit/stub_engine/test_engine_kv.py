@@ -363,6 +363,21 @@ def test_cost_model_formula() -> None:
     assert d.step_seconds(4000, 0) > 10 * d.step_seconds(0, 1, kv_tokens=100), "a long prefill dwarfs a decode step"
 
 
+def test_tensor_parallelism_divides_the_work_and_adds_its_all_reduces() -> None:
+    """tp GPUs share prefill, decode and transfer work; tp > 1 pays ring all-reduces per token and per step."""
+    costs = dict(step_overhead_ms=1, prefill_us_per_token=10, decode_ms_per_step=5, decode_us_per_seq=100,
+                 decode_ns_per_kv_token=1000, transfer_us_per_token=2, tp_comm_us_per_token=1, tp_comm_ms_per_step=0.5)  # fmt: skip
+    one, four = EngineConfig(**costs), EngineConfig(**costs, tensor_parallel_size=4)  # type: ignore[arg-type]
+    assert one.step_seconds(1000, 0) == pytest.approx(0.011), "tp=1 has no all-reduce"
+    # prefill: 10/4 us compute + 1 us x 2(4-1)/4 all-reduce per token, + 0.5 ms per step
+    assert four.step_seconds(1000, 0) == pytest.approx(0.001 + 0.0005 + 1000 * (2.5 + 1.5) / 1e6)
+    assert four.step_seconds(0, 10, kv_tokens=2000) == pytest.approx(0.001 + 0.0005 + (0.005 + 0.001 + 0.002) / 4)
+    assert four.transfer_seconds(500) == pytest.approx(one.transfer_seconds(500) / 4)
+    assert EngineConfig(tensor_parallel_size=8).layout.tp == 8, "8 KV heads: tp up to 8"
+    with pytest.raises(ValueError, match="must divide the model's 8 heads"):
+        EngineConfig(tensor_parallel_size=3)
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from orchestrator.stub_engine.block_pool import BlockPool
+from orchestrator.stub_engine.clock import EngineClock
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.endings import Endings
 from orchestrator.stub_engine.handoff import Handoff
@@ -92,7 +93,7 @@ class Parts:
             self.queues,
             self.endings,
             self._wake,
-            lambda: NOW,
+            EngineClock(now_ns=lambda: NOW),
         )
 
     def _wake(self) -> None:

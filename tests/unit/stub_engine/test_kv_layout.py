@@ -22,7 +22,7 @@ from orchestrator.stub_engine.kv_layout import DTYPE, Geometry, Layout, convert
 from orchestrator.stub_engine.kv_store import KVStore
 from orchestrator.stub_engine.tiny_model import InductionModel, SequenceKV
 
-G = Geometry(tokens_per_block=4)  # 4 layers, 4 heads, head_dim 2
+G = Geometry(tokens_per_block=4)  # 4 layers, 8 heads, head_dim 2
 LAYOUTS = [Layout(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 4)]
 PAIRS = list(itertools.permutations(LAYOUTS, 2))
 MODEL = InductionModel(G)
@@ -113,7 +113,7 @@ def test_shared_store_is_attachable_until_closed():
             view = np.ndarray(store.array.shape, dtype=DTYPE, buffer=shm.buf)
             same, total = np.array_equal(view, store.array), float(view.sum())
             del view  # a live view would keep the mapping open
-            assert same and total == 3.5 * 5 * 64
+            assert same and total == 3.5 * 5 * 128
         finally:
             shm.close()
     finally:
@@ -170,7 +170,7 @@ def test_corrupted_v_changes_the_next_token():
     layout = Layout(2, 2)
     store, seq = run_prompt([5, 6, 7, 5], layout)
     assert MODEL.next_token(store, seq) == 6
-    # one raw value: layer 3 / head 3 lives on rank 3 as local layer 1, local head 1
+    # one raw value: layer 3 / head 5 lives on rank 3 as local layer 1, local head 1
     store.array[3, seq.table[0], 1, 1, 1, 1, 0] += 100.0
     assert MODEL.next_token(store, seq) != 6
 
