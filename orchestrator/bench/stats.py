@@ -17,6 +17,8 @@ Definitions (all times in seconds, from the client's monotonic clock):
   after the first) have no TPOT and are left out.
 - per engine ("per GPU"): output tokens/s divided by every engine of the deployment,
   context and generation alike, so disaggregated and aggregated setups compare fairly.
+- goodput: requests/s that met every bound of an SLO (`orchestrator/bench/goodput.py`);
+  only when `summarize` is given one.
 
 Percentiles use linear interpolation between closest ranks (numpy's default). Latency
 percentiles and token means cover ok requests only; failed ones are counted in `errors`.
@@ -28,9 +30,12 @@ import csv
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:  # goodput.py imports this module: a top-level import would be a cycle
+    from orchestrator.bench.goodput import Slo
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -130,13 +135,21 @@ class Summary:
     e2e_p99_s: float | None
     mean_input_tokens: float | None
     mean_output_tokens: float | None
+    # Added later, with defaults, so files written before them still read (missing -> default).
+    goodput_requests_per_s: float | None = None  # None: no SLO was given
+    slo: str = ""  # the SLO as `Slo.describe()` writes it; "" when none
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Summary":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or not _has_default(f.name)})
+
+
+def _has_default(name: str) -> bool:
+    """Whether a `Summary` field may be missing from a stored summary (it was added later)."""
+    return Summary.__dataclass_fields__[name].default is not MISSING
 
 
 MODES = ("concurrency", "rate")
@@ -152,8 +165,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(results: Sequence[RequestResult], duration_s: float, engines: int, mode: str, load: float) -> Summary:
-    """One load level's results -> its summary; rates are over `duration_s` of wall time."""
+def summarize(
+    results: Sequence[RequestResult], duration_s: float, engines: int, mode: str, load: float, slo: Slo | None = None
+) -> Summary:
+    """One load level's results -> its summary; rates are over `duration_s` of wall time.
+    With an `slo` that has a bound, the goodput too (None or an empty one: no goodput)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown: use one of {list(MODES)}")
     if duration_s <= 0:
@@ -194,7 +210,15 @@ def summarize(results: Sequence[RequestResult], duration_s: float, engines: int,
         e2e_p99_s=e2e[2],
         mean_input_tokens=_mean([r.input_tokens for r in good]),
         mean_output_tokens=_mean([r.output_tokens for r in good]),
+        goodput_requests_per_s=None if slo is None or slo.empty else _goodput(results, duration_s, slo),
+        slo="" if slo is None else slo.describe(),
     )
+
+
+def _goodput(results: Sequence[RequestResult], duration_s: float, slo: Slo) -> float:
+    from orchestrator.bench.goodput import goodput  # at call time: goodput.py imports this module
+
+    return goodput(results, duration_s, slo)
 
 
 def load_key(load: float) -> str:
@@ -250,8 +274,14 @@ def _parse_cell(text: str, annotation: Any) -> Any:
 
 
 def read_csv(path: str | Path) -> list[Summary]:
-    """What `write_csv` stored, with each field's type restored (floats round-trip exactly)."""
+    """What `write_csv` stored, with each field's type restored (floats round-trip exactly);
+    a column added later and missing from an older file takes its default."""
     hints = typing.get_type_hints(Summary)
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    return [Summary(**{name: _parse_cell(row[name], hints[name]) for name in hints}) for row in rows]
+    return [
+        Summary(
+            **{name: _parse_cell(row[name], hints[name]) for name in hints if name in row or not _has_default(name)}
+        )
+        for row in rows
+    ]

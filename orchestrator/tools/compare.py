@@ -1,12 +1,14 @@
 """Aggregated vs disaggregated at equal engine count, and rate matching, in one command.
 
     disagg compare deployments/aggregated.yaml deployments/default.yaml \\
-        --isl 1024 --osl 128 --concurrency 1,4,16 --count 48 --out bench/compare
+        --isl 1024 --osl 128 --concurrency 1,4,16 --count 48 --out bench/compare \\
+        [--goodput ttft_ms:2000 tpot_ms:25]
 
 For each deployment file: build its repositories (orchestrator/tools/deploy.py), start its servers on
 free loopback ports, run a closed-loop concurrency sweep through the ensemble (gRPC
 streaming, the same prompts for every deployment), stop the servers. Throughput per engine
-divides by every engine of the deployment.
+divides by every engine of the deployment. With --goodput, every end-to-end level also
+reports its goodput (requests/s meeting every bound) and that per engine.
 
 Then the phase sweeps of rate matching (unless --no-phase-sweeps), on one engine of each
 phase of the first disaggregated deployment, with its stub knobs:
@@ -39,13 +41,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from orchestrator.bench.goodput import Slo
 from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best_ratios, context_capacity, pareto
 from orchestrator.bench.stats import Summary, write_csv
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.ops.deployment import Deployment, Pool, load
 from orchestrator.tools.deploy import on_free_ports, serve
 from orchestrator.tools.launch import TritonServer
-from orchestrator.tools.loadgen import format_table, run_load, run_meta, sweep
+from orchestrator.tools.loadgen import add_goodput_flag, format_table, run_load, run_meta, sweep
 from orchestrator.tools.overhead import TokenConnection
 from orchestrator.tools.plots import plot_compare
 from orchestrator.tools.progress import add_progress_flag, echo, progress
@@ -65,16 +68,18 @@ def shape(d: Deployment) -> str:
 def end_to_end(
     d: Deployment, workload: Workload, loads: Sequence[float], count: int, time_limit_s: float,
     request_timeout_s: float = 120.0, mode: str = "concurrency", progress: bool | None = None,
-    on_level: Callable[[Summary], None] | None = None,
+    on_level: Callable[[Summary], None] | None = None, slo: Slo | None = None,
 ) -> list[Summary]:  # fmt: skip
     """Serve `d`, sweep it, stop it. `progress`: a bar per level on stderr (None: only on a
-    terminal); `on_level(summary)` as each level ends."""
+    terminal); `on_level(summary)` as each level ends; `slo`: each level's goodput counts the
+    requests within it."""
     with tempfile.TemporaryDirectory(prefix=f"compare-{d.name}-") as tmp, ExitStack() as stack:
         free = on_free_ports(d)
         frontend = serve(free, Path(tmp), stack)[free.frontend]
         summaries, _ = sweep(
             frontend.grpc_url, workload, loads, mode, count=count, time_limit_s=time_limit_s,
             engines=engine_count(d), progress=progress, request_timeout_s=request_timeout_s, on_level=on_level,
+            slo=slo,
         )  # fmt: skip
     return summaries
 
@@ -162,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unequal", action="store_true", help="compare deployments of different engine counts")
     parser.add_argument("--out", type=Path, required=True)
     add_progress_flag(parser)
+    add_goodput_flag(parser)
     return parser
 
 
@@ -173,16 +179,35 @@ def _deployment_run(
     echo(f"== {d.name} ({shape(d)}, {engine_count(d)} engines)")
     summaries = end_to_end(
         d, workload, e2e_loads, args.count, args.time_limit_s, args.request_timeout_s, mode,
-        progress=args.progress, on_level=level_done,
+        progress=args.progress, on_level=level_done, slo=args.goodput,
     )  # fmt: skip
     echo(format_table(summaries))
-    entry = {
+    entry: dict[str, Any] = {
         "shape": shape(d),
         "engines": engine_count(d),
         "summaries": [s.as_dict() for s in summaries],
     }
+    if args.goodput is not None:
+        entry["goodput"] = _goodput_section(summaries, args.goodput)
     write_csv(args.out / f"{d.name}.csv", summaries)
     return entry
+
+
+def _goodput_section(summaries: Sequence[Summary], slo: Slo) -> dict[str, Any]:
+    """A deployment's goodput per level, per engine too (the summaries carry the totals)."""
+    return {
+        "slo": slo.describe(),
+        "levels": [
+            {
+                "load": s.load,
+                "goodput_requests_per_s": s.goodput_requests_per_s,
+                "goodput_requests_per_s_per_engine": None
+                if s.goodput_requests_per_s is None
+                else s.goodput_requests_per_s / s.engines,
+            }
+            for s in summaries
+        ],
+    }
 
 
 def _rate_matching(
@@ -240,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": run_meta(sys.argv[1:] if argv is None else list(argv), "orchestrator/tools/compare.py"),
         "workload": workload.describe(),
         "mode": mode,
+        "slo": "" if args.goodput is None else args.goodput.describe(),
         "engines_over": [d.engines_over for d in deployments],
         "deployments": {},
     }

@@ -2,7 +2,8 @@
 """Benchmark load generator: sweep the ensemble at fixed concurrencies or request rates.
 
     orchestrator/tools/loadgen.py --url 127.0.0.1:8001 (--concurrency 1,16,64 | --rate 2,4,8) --isl fixed:128 \
-        --osl fixed:64 [--count 200] [--time-limit 60] [--engines 4] [--json out.json] [--csv out.csv]
+        --osl fixed:64 [--count 200] [--time-limit 60] [--engines 4] [--json out.json] [--csv out.csv] \
+        [--goodput ttft_ms:2000 tpot_ms:25]
 
 Load modes (one load level at a time; `sweep` runs them in order):
 
@@ -16,6 +17,9 @@ Load modes (one load level at a time; `sweep` runs them in order):
 Both stop sending at `count` requests or `time_limit_s`, whichever comes first, then wait
 up to `drain_timeout_s` for the requests in flight; those still open are stopped
 (`stop=true`) and reported as errors. Throughput is over first send -> last completion.
+With `--goodput KEY:VALUE ...` (keys ttft_ms, tpot_ms, itl_ms, e2e_ms; bounds in ms) each
+level also reports its goodput: the requests/s that met every bound, over the same time
+(orchestrator/bench/goodput.py defines the terms).
 While a level runs, a progress bar of its finished requests is drawn on stderr when stderr
 is a terminal (`--progress` / `--no-progress` to choose); the report on stdout is the same.
 
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
+from orchestrator.bench.goodput import Slo
 from orchestrator.bench.stats import RequestResult, Summary, load_key, summarize, write_csv, write_json
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.tools.load_connections import PROTOCOLS, Connection, connect
@@ -109,7 +114,9 @@ def _check_level(
         raise ValueError(f"protocol {protocol!r} is unknown: use one of {list(PROTOCOLS)}")
 
 
-def _summarize_level(run: LevelRun, engines: int, mode: str, load: float) -> tuple[list[RequestResult], Summary]:
+def _summarize_level(
+    run: LevelRun, engines: int, mode: str, load: float, slo: Slo | None = None
+) -> tuple[list[RequestResult], Summary]:
     """The level's results in sending order and their summary. Throughput is over first send ->
     last completion, so idle time before and after the requests does not dilute it."""
     results = run.ordered()
@@ -118,7 +125,7 @@ def _summarize_level(run: LevelRun, engines: int, mode: str, load: float) -> tup
         duration = max(r.start_s + r.e2e_s for r in results) - first
     else:
         duration = time.monotonic() - run.started
-    return results, summarize(results, max(duration, 1e-9), engines, mode, load)
+    return results, summarize(results, max(duration, 1e-9), engines, mode, load, slo)
 
 
 def run_load(
@@ -140,6 +147,7 @@ def run_load(
     allow_remote: bool = False,
     salt: str | None = None,
     connector: Callable[[threading.Event, float], Connection] | None = None,
+    slo: Slo | None = None,
 ) -> tuple[list[RequestResult], Summary]:
     """One load level: closed loop at `concurrency` or open loop at `rate` requests/s.
 
@@ -147,7 +155,8 @@ def run_load(
     level of a sweep sends prompts of its own (see `Workload.requests`). `connector(abort,
     request_timeout_s)` makes each worker's connection instead of `protocol`'s (other
     contracts, e.g. token-level models in orchestrator/tools/overhead.py). `progress`: a bar
-    of the level's finished requests on stderr; None: only when stderr is a terminal.
+    of the level's finished requests on stderr; None: only when stderr is a terminal. `slo`:
+    the summary's goodput counts the requests within its bounds (None: no goodput).
     """
     _check_level(concurrency, rate, count, max_in_flight, engines, protocol)
     check_loopback(url, allow_remote)
@@ -168,7 +177,7 @@ def run_load(
             open_loop(run, float(load), workload.seed, max_in_flight, make_conn, stream, drain_timeout_s, bar)
     finally:
         bar.end(run)
-    return _summarize_level(run, engines, mode, load)
+    return _summarize_level(run, engines, mode, load, slo)
 
 
 def sweep(
@@ -208,21 +217,35 @@ TABLE_COLUMNS = (
     "load", "req/s", "out tok/s", "tok/s/user", "tok/s/engine", "TTFT p50", "TTFT p99",
     "ITL p50", "ITL p99", "E2E p50", "E2E p99", "errors",
 )  # fmt: skip
+GOODPUT_COLUMNS = ("goodput req/s", "goodput/engine")  # after req/s, only when an SLO was given
+
+
+def _goodput_cells(s: Summary) -> list[str]:
+    per_engine = None if s.goodput_requests_per_s is None else s.goodput_requests_per_s / s.engines
+    return [_num(s.goodput_requests_per_s, 2), _num(per_engine, 2)]
 
 
 def format_table(summaries: Sequence[Summary]) -> str:
-    """One row per load level; latencies in ms."""
-    rows = [list(TABLE_COLUMNS)]
+    """One row per load level; latencies in ms. Summaries with a goodput add its columns
+    (requests/s meeting the SLO, and that over every engine) and the SLO to the title."""
+    slo = next((s.slo for s in summaries if s.goodput_requests_per_s is not None), None)
+    header = list(TABLE_COLUMNS)
+    if slo is not None:
+        header[2:2] = GOODPUT_COLUMNS
+    rows = [header]
     for s in summaries:
         rows.append([
             f"{s.load:g}", _num(s.requests_per_s, 2), _num(s.output_tokens_per_s), _num(s.tokens_per_s_per_user),
             _num(s.output_tokens_per_s_per_engine), _ms(s.ttft_p50_s), _ms(s.ttft_p99_s), _ms(s.itl_p50_s),
             _ms(s.itl_p99_s), _ms(s.e2e_p50_s), _ms(s.e2e_p99_s), f"{s.errors}/{s.count}",
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+        if slo is not None:
+            rows[-1][2:2] = _goodput_cells(s)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     mode = summaries[0].mode if summaries else "load"
-    return f"({mode}; latencies in ms)\n" + "\n".join(lines)
+    goodput = "" if slo is None else f"; goodput: {slo}"
+    return f"({mode}; latencies in ms{goodput})\n" + "\n".join(lines)
 
 
 def _git_commit() -> str | None:
@@ -258,7 +281,29 @@ def _loads(text: str, kind: type) -> list[Any]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _GoodputAction(argparse.Action):
+    """Reads every KEY:VALUE item of --goodput into one `Slo`; a bad item is a usage error naming it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        try:
+            setattr(namespace, self.dest, Slo.parse(list(values)))
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+def add_goodput_flag(parser: argparse.ArgumentParser) -> None:
+    """--goodput KEY:VALUE [KEY:VALUE ...] -> `args.goodput`, an `Slo` (None when not given)."""
+    parser.add_argument(
+        "--goodput", nargs="+", action=_GoodputAction, metavar="KEY:VALUE", default=None,
+        help="also report goodput, the requests/s meeting every bound (ms): ttft_ms, tpot_ms, itl_ms, e2e_ms; "
+        "e.g. --goodput ttft_ms:2000 tpot_ms:25",
+    )  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line; kept apart from `main` so the flags can be checked without a server."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="127.0.0.1:8001", help="server host:port (the HTTP port with --protocol http)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
@@ -284,7 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_progress_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar (as --no-progress)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a server that is not on loopback")
-    args = parser.parse_args(argv)
+    add_goodput_flag(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     mode = "concurrency" if args.concurrency else "rate"
     bars = False if args.quiet else args.progress  # None: only when stderr is a terminal
     load_list = args.concurrency or args.rate
@@ -296,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             count=args.count, time_limit_s=args.time_limit or None, stream=not args.no_stream,
             protocol=args.protocol, model=args.model, engines=args.engines, progress=bars,
             max_in_flight=args.max_in_flight, drain_timeout_s=args.drain_timeout,
-            request_timeout_s=args.request_timeout, allow_remote=args.allow_remote,
+            request_timeout_s=args.request_timeout, allow_remote=args.allow_remote, slo=args.goodput,
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,10 +30,12 @@ def test_compare_writes_json_csv_and_png(tmp_path: Path) -> None:
     (tmp_path / "c1g1.yaml").write_text(DISAGG)
     out = tmp_path / "out"
     rc = main([str(tmp_path / "agg2.yaml"), str(tmp_path / "c1g1.yaml"), "--isl", "32", "--osl", "6",
-               "--concurrency", "1,2", "--context-concurrency", "1,2", "--count", "4", "--out", str(out)])  # fmt: skip
+               "--concurrency", "1,2", "--context-concurrency", "1,2", "--count", "4", "--out", str(out),
+               "--goodput", "ttft_ms:60000", "tpot_ms:1000"])  # fmt: skip
     assert rc == 0
     report = json.loads((out / "compare.json").read_text())
     assert report["meta"]["command"].startswith("orchestrator/tools/compare.py ") and report["meta"]["date"]
+    assert report["slo"] == "ttft_ms:60000 tpot_ms:1000"
     for name, shape in (("agg2", "agg2"), ("c1g1", "c1g1")):
         run = report["deployments"][name]
         assert run["shape"] == shape and run["engines"] == 2
@@ -41,6 +43,11 @@ def test_compare_writes_json_csv_and_png(tmp_path: Path) -> None:
         for s in run["summaries"]:
             assert s["mean_output_tokens"] == 6
             assert abs(s["output_tokens_per_s_per_engine"] * 2 - s["output_tokens_per_s"]) < 1e-6
+            assert s["goodput_requests_per_s"] == s["requests_per_s"]  # generous bounds: every request meets
+        assert run["goodput"]["slo"] == report["slo"]
+        for level, s in zip(run["goodput"]["levels"], run["summaries"]):
+            assert level["load"] == s["load"] and level["goodput_requests_per_s"] == s["goodput_requests_per_s"]
+            assert level["goodput_requests_per_s_per_engine"] == s["goodput_requests_per_s"] / 2
         assert [s.load for s in read_csv(out / f"{name}.csv")] == [1, 2]
     matched = report["rate_matching"]
     assert [p["concurrency"] for p in matched["generation_points"]] == [1, 2]

@@ -121,10 +121,16 @@ def test_cli(server: TritonServer, tmp_path, capsys) -> None:
     rc = main([
         "--url", server.grpc_url, "--concurrency", "1,2", "--count", "3", "--isl", "uniform:8:24", "--osl", "fixed:4",
         "--engines", "4", "--quiet", "--json", str(tmp_path / "o.json"), "--csv", str(tmp_path / "o.csv"),
+        "--goodput", "ttft_ms:60000", "tpot_ms:1000",
     ])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out.splitlines()
     assert "TTFT p50" in out[1] and [line.split()[0] for line in out[2:]] == ["1", "2"]
+    assert "goodput: ttft_ms:60000 tpot_ms:1000" in out[0] and "goodput req/s" in out[1]
     summaries, requests, meta = read_json(tmp_path / "o.json")
     assert [s.load for s in summaries] == [1, 2] and meta["workload"]["isl"] == "uniform:8:24"
     assert "--concurrency 1,2" in meta["command"]
+    for s in summaries:  # generous bounds: every request meets them, so goodput is the request rate
+        assert s.ok == 3 and s.goodput_requests_per_s == s.requests_per_s > 0
+        assert s.slo == "ttft_ms:60000 tpot_ms:1000"
+    assert read_csv(tmp_path / "o.csv") == summaries
