@@ -57,6 +57,6 @@ SYMBOLIC_TOKEN = 1  # what a symbolic engine generates (any id that is not an en
 def backing(name: str, config: EngineConfig, symbolic: bool) -> tuple[ModelRules, BlockStore]:
     """The model and store of engine `name`: real K/V in shared memory, or none."""
     if symbolic:
-        return SymbolicModel(SYMBOLIC_TOKEN), SymbolicStore(config.geometry, config.num_kv_blocks)
+        return SymbolicModel(SYMBOLIC_TOKEN), SymbolicStore(config.geometry, config.layout, config.num_kv_blocks)
     store = KVStore(config.geometry, config.layout, config.num_kv_blocks, shared=True, label=name)
     return InductionModel(config.geometry), store  # type: ignore[return-value]

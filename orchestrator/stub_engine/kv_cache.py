@@ -107,15 +107,19 @@ class KVCacheManager:
             alloc.new += 1
             alloc.blocks.extend(block)
 
-    def commit(self, alloc: Allocation, tokens: Sequence[int]) -> None:
-        """Register every newly full block of `tokens` (the holder's sequence) in the prefix cache."""
+    def commit(self, alloc: Allocation, tokens: Sequence[int], known: Sequence[int] = ()) -> None:
+        """Register every newly full block of `tokens` (the holder's sequence) in the prefix cache.
+
+        `known`: hashes of the sequence's leading blocks computed already (its prompt's, at
+        intake); they are used instead of hashing those blocks again.
+        """
         if not self.enable_reuse:
             return
         t = self.tokens_per_block
         while (len(alloc.hashes) + 1) * t <= len(tokens):
             i = len(alloc.hashes)
             parent = alloc.hashes[-1] if alloc.hashes else SEED
-            h = chain_hash(parent, tokens[i * t : (i + 1) * t])
+            h = known[i] if i < len(known) else chain_hash(parent, tokens[i * t : (i + 1) * t])
             self.pool.register(alloc.blocks[i], h)
             alloc.hashes.append(h)
 

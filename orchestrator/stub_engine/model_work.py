@@ -63,7 +63,7 @@ class SequenceWork:
         if kv.length < len(ids):
             previous = ids[kv.length - 1] if kv.length else None
             self.model.write(self.store, kv, ids[kv.length :], previous)
-        self.kv.commit(alloc, seq.tokens)
+        self.kv.commit(alloc, seq.tokens, seq.hashes)
         seq.pending = self.model.next_token(self.store, kv)
         return max(1, len(ids) - alloc.cached_tokens)
 
@@ -72,8 +72,11 @@ class SequenceWork:
         call (per-sequence numpy calls cost ~120 us each, more than a modelled decode step can
         hide at batch 64); returns the KV tokens attended."""
         batch: list[EngineSequence] = []
-        for seq in seqs:
-            if self.guarded(seq, self.grow, seq):
+        slots_per_block = self.kv.tokens_per_block
+        for seq in seqs:  # a new block only every tokens_per_block steps: check before calling
+            alloc, kv = seq.alloc, seq.kv
+            has_room = alloc is not None and kv is not None and kv.length < len(alloc.blocks) * slots_per_block
+            if has_room or self.guarded(seq, self.grow, seq):
                 batch.append(seq)
         if not batch:
             return 0
@@ -91,7 +94,9 @@ class SequenceWork:
         attended = 0
         for seq, token in zip(batch, nexts):
             seq.pending = token
-            self.guarded(seq, self.kv.commit, seq.alloc, seq.tokens)
+            alloc = seq.alloc
+            if len(seq.tokens) >= (len(alloc.hashes) + 1) * slots_per_block:  # type: ignore[union-attr]
+                self.guarded(seq, self.kv.commit, alloc, seq.tokens, seq.hashes)  # a block just filled up
             attended += seq.kv.length  # type: ignore[union-attr]
         return attended
 
@@ -135,10 +140,11 @@ class SequenceWork:
         """The token this step computed joins the sequence; what is due goes out."""
         token = seq.pending
         assert token is not None
-        crash = stream_crash(self.config, self.name, seq.fault, len(seq.generated))
-        if crash is not None:
-            self.endings.fail(seq, crash)
-            return
+        if seq.fault != "none":
+            crash = stream_crash(self.config, self.name, seq.fault, len(seq.generated))
+            if crash is not None:
+                self.endings.fail(seq, crash)
+                return
         output, done = take_token(seq, token, now)
         if done:
             self.endings.finish(seq)

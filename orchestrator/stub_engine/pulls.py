@@ -56,7 +56,7 @@ class KvPulls:
             )
             kv.length = handoff.num_tokens
             self.model.reindex(self.store, kv)
-            self.kv.commit(alloc, seq.tokens)
+            self.kv.commit(alloc, seq.tokens, seq.hashes)
             self.exchange.pulled_ok(handoff, self._clock_ns())
             pulled_tokens = handoff.num_tokens - first * self.config.tokens_per_block
             await asyncio.sleep(max(0.0, self.config.transfer_seconds(pulled_tokens) - (self._elapsed() - started)))

@@ -89,11 +89,10 @@ def join_outputs(outputs: list[EngineOutput]) -> EngineOutput:
 
 
 def check_prompt(ids: tuple[int, ...], max_input_len: int, engine: str) -> None:
-    """InvalidInput when an engine cannot take these prompt ids."""
+    """InvalidInput when an engine cannot take these prompt ids (negative ids are refused where
+    tensors become a request: `orchestrator.wire.contract.token_row`)."""
     if len(ids) > max_input_len:
         raise InvalidInput(f"prompt has {len(ids)} tokens, more than engine '{engine}' max_input_len={max_input_len}")
-    if any(t < 0 for t in ids):
-        raise InvalidInput("input_ids must be token ids >= 0")
 
 
 def max_slots(request: EngineRequest) -> int:

@@ -15,21 +15,21 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestrator.stub_engine.kv_layout import DTYPE, Geometry
+from orchestrator.stub_engine.kv_layout import DTYPE, Geometry, Layout
 from orchestrator.stub_engine.tiny_model import SequenceKV
 
 
 class SymbolicStore:
-    """A KV store of `num_blocks` blocks that keeps no bytes (reads give empty arrays)."""
+    """A KV store of `num_blocks` blocks that keeps no bytes (a read gives zero blocks, in the
+    layout's shape, so re-sharding between layouts still runs)."""
 
     shm_name = ""  # nothing to map: pulls go through the simulator's in-process transport
 
-    def __init__(self, geometry: Geometry, num_blocks: int) -> None:
-        self.geometry = geometry
-        self.num_blocks = num_blocks
+    def __init__(self, geometry: Geometry, layout: Layout, num_blocks: int) -> None:
+        self.geometry, self.layout, self.num_blocks = geometry, layout, num_blocks
 
     def read_blocks(self, blocks: Sequence[int]) -> np.ndarray:
-        return np.zeros((0,), dtype=DTYPE)
+        return np.zeros(self.layout.shape(self.geometry, 0), dtype=DTYPE)
 
     def write_blocks(self, blocks: Sequence[int], shards: np.ndarray) -> None:
         pass

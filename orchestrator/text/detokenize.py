@@ -112,7 +112,8 @@ class DetokWindow:
     __slots__ = ("_context",)
 
     def __init__(self, prompt_ids: TokenIds) -> None:
-        self._context: npt.NDArray[np.int32] = _as_ids(prompt_ids, "prompt_ids")[-LOOKBACK:].copy()
+        # only the tail is kept (and checked): converting a long prompt whole is wasted per request
+        self._context: npt.NDArray[np.int32] = _as_ids(prompt_ids[-LOOKBACK:], "prompt_ids").copy()
 
     @property
     def context(self) -> tuple[int, ...]:

@@ -432,3 +432,13 @@ def test_coalesce_joins_token_outputs_and_keeps_the_latest_of_the_rest() -> None
     assert joined["num_output_tokens"].tolist() == [[4]] and joined["last_token_time_ns"].tolist() == [[20]]
     assert EngineOutput.from_tensors(joined).tokens == (5, 6, 7)
     assert coalesce([first]) == first
+
+
+def test_negative_token_ids_are_refused_where_tensors_become_a_request() -> None:
+    """One numpy check at the wire; engines take the ids as checked (no per-token loop per engine)."""
+    request_len = np.array([[4]], np.int32)
+    with pytest.raises(InvalidInput, match="input 'input_ids' must be token ids >= 0"):
+        parse_request({"input_ids": np.array([[1, -2, 3]], np.int32), "request_output_len": request_len})
+    ids = parse_request({"input_ids": np.array([[1, 2, 3, -1]], np.int32), "input_lengths": np.array([[3]], np.int32),
+                         "request_output_len": request_len}).input_ids  # fmt: skip
+    assert ids == (1, 2, 3), "padding beyond input_lengths is not looked at"
