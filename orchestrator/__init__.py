@@ -12,6 +12,7 @@ Layers, bottom to top; a module imports only from its own layer or the ones belo
     serving      the orchestrator's request flow        | stub_engine  the stub engine
     ops, bench   deployment files, launch, access, supervisor | benchmark maths
     frontend     the OpenAI-compatible HTTP server in front of the ensemble (imports wire, text)
+    sim          the simulator: serving + stub_engine in virtual time, Pareto sweeps, the planner
     tools        the `disagg` command: launcher, client, deploy, benchmarks, soak
 
 `serving` and `stub_engine` sit side by side and never import each other.

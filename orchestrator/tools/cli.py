@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("soak", "thousands of mixed requests, stops and faults, then no-leak checks"),
     "stress-bls": ("stress_bls", "the BLS stub crash reproducer: fresh server per round"),
     "metrics": ("metrics", "print the disagg_* gauges a server holds"),
+    "simulate": ("simulate", "a deployment file under a load in virtual time: no Triton, no GPU"),
+    "fidelity": ("fidelity", "the simulator against the same deployment served on stubs, side by side"),
     "openai": ("orchestrator.frontend.server", "OpenAI-compatible HTTP server in front of the ensemble"),
 }
 

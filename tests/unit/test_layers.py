@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"wire", "text", "telemetry", "runtime", "clients", "routing", "serving", "stub_engine"},
     "bench": {"wire", "text"},
     "frontend": {"wire", "text"},
+    "sim": {"wire", "text", "telemetry", "runtime", "clients", "routing", "serving", "stub_engine", "ops", "bench"},
     "tools": {
         "wire",
         "text",
@@ -32,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
         "ops",
         "bench",
         "frontend",
+        "sim",
     },  # fmt: skip
 }
 
