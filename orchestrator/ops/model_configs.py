@@ -133,7 +133,10 @@ engine instead, replace this file with the tensorrt_llm backend's config (backen
 "tensorrtllm", its engine parameters); callers need no change."""
 
 
-def _stub_engine(name: str, tensor_parallel_size: int, role: str = "") -> ModelConfig:
+def _stub_engine(name: str, tensor_parallel_size: int, role: str = "", chunked_context: bool = False) -> ModelConfig:
+    """A committed stub engine; `chunked_context` turns TensorRT-LLM's enable_chunked_context on
+    (the aggregated baseline runs with it, as an aggregated TensorRT-LLM deployment does)."""
+    chunking = (("enable_chunked_context", "true"),) if chunked_context else ()
     lead = (
         f'Stub engine "{name}": {role}\nOne engine = one in-flight batching loop (orchestrator/stub_engine/core.py)'
         if role
@@ -151,6 +154,7 @@ def _stub_engine(name: str, tensor_parallel_size: int, role: str = "") -> ModelC
             ("max_batch_size", "64"),
             ("max_num_tokens", "8192"),
             ("max_input_len", "4096"),
+            *chunking,
             ("tokens_per_block", "32"),
             ("max_tokens_in_paged_kv_cache", "32768"),
             ("enable_kv_cache_reuse", "true"),
@@ -251,6 +255,7 @@ MODELS: tuple[ModelConfig, ...] = (
             "both phases in one in-flight batching engine, the IFB\n"
             "baseline (not used by the ensemble; call it directly with no request_type)."
         ),
+        chunked_context=True,
     ),
 )
 

@@ -7,8 +7,17 @@ block. Names shared with the `tensorrt_llm` backend mean the same thing there.
 Scheduling:
 - `max_batch_size` (64): sequences in one step, decode and prefill together.
 - `max_num_tokens` (8192): tokens processed in one step (one per decoding sequence plus
-  each admitted prompt's uncached tokens); a longer prompt runs as its step's only prefill.
-- `max_input_len` (4096): longest accepted prompt, in tokens.
+  the prefill tokens computed); without chunked context a longer prompt runs as its step's
+  only prefill.
+- `enable_chunked_context` (false, as in TensorRT-LLM): split a prompt's uncached prefill
+  over steps (`chunking.py`), so running sequences keep decoding beside each chunk instead
+  of all waiting for one long prefill step. Each step's chunks share what `max_num_tokens`
+  leaves after one token per decoding sequence, in whole blocks of `tokens_per_block` but
+  for a prompt's last chunk, so `max_num_tokens` must then be a multiple of
+  `tokens_per_block` (TensorRT-LLM asks the same). Off by default because TensorRT-LLM's
+  backend defaults it off, and the stub's knobs mean what the backend's do; the
+  aggregated deployments turn it on.
+- `max_input_len` (4096): longest accepted prompt, in tokens (chunking or not).
 - `max_queued_requests` (512; 0: unlimited): requests waiting for admission (not yet
   running, pulling or holding KV blocks). One more is refused at once with
   `UNAVAILABLE: overloaded: ...` (counted in `disagg_engine_rejected_total`) rather than
@@ -99,6 +108,7 @@ class EngineConfig:
     max_num_tokens: int = 8192
     max_input_len: int = 4096
     max_queued_requests: int = 512
+    enable_chunked_context: bool = False
     tokens_per_block: int = 32
     max_tokens_in_paged_kv_cache: int = 65536
     enable_kv_cache_reuse: bool = True
@@ -153,6 +163,11 @@ class EngineConfig:
             raise ValueError(
                 f"engine parameter 'max_tokens_in_paged_kv_cache'={self.max_tokens_in_paged_kv_cache} is less than "
                 f"one block of tokens_per_block={self.tokens_per_block}"
+            )
+        if self.enable_chunked_context and self.max_num_tokens % self.tokens_per_block:
+            raise ValueError(
+                f"engine parameter 'max_num_tokens'={self.max_num_tokens} must be a multiple of "
+                f"tokens_per_block={self.tokens_per_block} with enable_chunked_context (a chunk is whole blocks)"
             )
         try:
             self.layout.validate(self.geometry)

@@ -7,6 +7,13 @@ runs the model on the paged KV cache, waits out the cost model's duration of tha
 steps and finished ones leave, so a long prefill in a step delays every running
 sequence's next token, as on a GPU.
 
+With `enable_chunked_context` (off by default, as in TensorRT-LLM) a prompt's prefill is
+split over steps instead (`chunking.py`): each step's budget, `max_num_tokens` less one
+token per decoding sequence, goes first to prompts part-way through their prefill, then
+to new prompts' first chunks, in whole blocks but for a prompt's last chunk. The running
+sequences decode in every one of those steps; the first token comes after the last chunk.
+KV blocks for the whole request are still taken at admission.
+
 Phases (the `request_type` parameter):
 - context_only: prefill, then one final output with the first token and a `Handoff`
   naming a lease on the prompt's KV blocks, which a generation engine pulls;
@@ -28,8 +35,9 @@ it with an empty final output and also drops a lease its context phase left unpu
 
 This module is the scheduler: the loop, a step, admission. The rest is composed in, one
 concern each: `intake.py` (what is checked before queueing), `queues.py` (where each
-sequence is), `model_work.py` (the model's work per sequence), `pulls.py` (KV arriving
-for generation_only), `endings.py` (finish, fail, stop, cancellation), `faults.py`.
+sequence is), `chunking.py` (how much of each prompt a step prefills), `model_work.py`
+(the model's work per sequence), `pulls.py` (KV arriving for generation_only),
+`endings.py` (finish, fail, stop, cancellation), `faults.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import asyncio
 
 from orchestrator.stub_engine.backing import backing
 from orchestrator.stub_engine.block_pool import BlockPool
+from orchestrator.stub_engine.chunking import Chunk, continuing, next_chunk
 from orchestrator.stub_engine.clock import EngineClock
 from orchestrator.stub_engine.config import EngineConfig
 from orchestrator.stub_engine.endings import Endings
@@ -106,7 +115,10 @@ class EngineCore:
         self._closed = False
         self._step_end_s = 0.0  # when the last step's modelled time ended (clock.elapsed_s)
         self.steps = 0
-        self.step_log: list[tuple[int, int, int]] = []  # per step: (prefill tokens, decoding, admitted); tests read it
+        # Per step (tests read it): (prefill tokens computed, sequences decoded, sequences
+        # that joined the batch: a whole prompt, a prompt's first chunk or pulled KV). A later chunk
+        # of an admitted prompt counts in prefill tokens only.
+        self.step_log: list[tuple[int, int, int]] = []
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -212,8 +224,8 @@ class EngineCore:
         while True:
             self.endings.drop_cancelled()
             decoding = list(self.queues.running)  # before admission: a new sequence's first step is its prefill
-            admitted = self._admit()
-            if not decoding and not admitted:
+            admitted, chunks = self._admit()
+            if not decoding and not admitted and not chunks:
                 self._wakeup.clear()
                 if not self.active:
                     await self._wakeup.wait()
@@ -225,30 +237,34 @@ class EngineCore:
                     except asyncio.TimeoutError:
                         pass
                 continue
-            await self._step(decoding, admitted)
+            await self._step(decoding, admitted, chunks)
 
-    async def _step(self, decoding: list[EngineSequence], admitted: list[EngineSequence]) -> None:
+    async def _step(self, decoding: list[EngineSequence], admitted: list[EngineSequence], chunks: list[Chunk]) -> None:
+        """Run one step: the prefill `chunks` (whole prompts without chunking), one decode token
+        of each `decoding` sequence, and the first token of each sequence whose prompt is now
+        complete (its last chunk, or pulled KV among `admitted`)."""
         # The host work since the last step's modelled time ended (streaming its outputs,
         # scheduling) overlaps this step's GPU time, as in a real engine, whose GPU computes
         # the next step while the CPU sends responses: count it, up to one step's worth.
         elapsed = self.clock.elapsed_s
         now_s = elapsed()
         started = self._step_end_s if now_s - self._step_end_s <= MAX_OVERLAP_S else now_s
-        prefill_tokens = 0
+        pulled = [seq for seq in admitted if seq.handoff is not None]
         for seq in admitted:
-            if seq.handoff is None:
-                prefill_tokens += self.work.guarded(seq, self.work.prefill, seq) or 0
-            else:
+            if seq.handoff is not None:  # its KV arrived: its first token came with the handoff
                 seq.pending = seq.handoff.first_token
+        prefill_tokens = 0
+        for chunk in chunks:
+            prefill_tokens += self.work.guarded(chunk.seq, self.work.prefill, chunk.seq, chunk.tokens) or 0
         kv_tokens = self.work.decode(decoding)
         self.steps += 1
         self.step_log.append((prefill_tokens, len(decoding), len(admitted)))
         cost = self.config.step_seconds(prefill_tokens, len(decoding), kv_tokens)
-        cost += slow_step_s(self.config, (s.fault for s in (*admitted, *decoding)))
+        cost += slow_step_s(self.config, (s.fault for s in (*admitted, *(c.seq for c in chunks), *decoding)))
         await asyncio.sleep(max(0.0, cost - (elapsed() - started)))
         self._step_end_s = elapsed()
         now = self._clock_ns()
-        for seq in admitted:
+        for seq in (*pulled, *(c.seq for c in chunks if c.last)):
             if not seq.done:
                 seq.first_token_ns = now
                 self.work.guarded(seq, self.work.accept_first, seq, now)
@@ -256,21 +272,27 @@ class EngineCore:
             if not seq.done:
                 self.work.guarded(seq, self.work.accept, seq, now)
         self.queues.running = [s for s in self.queues.running if not s.done]
+        self.queues.prefilling = [s for s in self.queues.prefilling if not s.done]
 
-    def _admit(self) -> list[EngineSequence]:
-        """Move sequences into this step while batch, token budget and KV blocks allow (FCFS)."""
-        q = self.queues
+    def _admit(self) -> tuple[list[EngineSequence], list[Chunk]]:
+        """Pick this step's work (FCFS) while batch slots, token budget and KV blocks allow:
+        pulled KV first, then the next chunk of each prompt part-way through its prefill,
+        then queued prompts (whole, or a first chunk: `chunking.py`). Returns the sequences
+        that join the batch now and the prefill chunks the step computes."""
+        q, cfg = self.queues, self.config
         admitted: list[EngineSequence] = []
-        budget = self.config.max_num_tokens - len(q.running)
+        budget = cfg.max_num_tokens - len(q.running)
         now = self._clock_ns()
 
         def room() -> bool:
-            return len(q.running) + len(admitted) < self.config.max_batch_size
+            return len(q.running) + len(q.prefilling) + len(admitted) < cfg.max_batch_size
 
         while q.ready and room() and budget >= 1:  # pulled KV first: it already holds memory
             seq = q.ready.popleft()
             budget -= 1
             admitted.append(seq)
+        chunks = continuing(q.prefilling, budget, cfg.tokens_per_block)
+        budget -= sum(c.cost for c in chunks)
         while q.waiting and room():
             seq = q.waiting[0]
             if seq.handoff is not None:
@@ -278,21 +300,27 @@ class EngineCore:
                     break  # not enough free blocks yet: wait (FCFS, no overtaking)
                 q.waiting.popleft()
                 continue
-            cached = len(self.kv.match(seq.hashes)) * self.config.tokens_per_block
-            cost = max(1, seq.prompt_tokens - cached)
-            never_fits = cost > self.config.max_num_tokens
-            if cost > budget and (admitted or not never_fits):
-                break  # wait for room; a prompt that can never fit runs as its step's only prefill
+            left = seq.prompt_tokens - len(self.kv.match(seq.hashes)) * cfg.tokens_per_block
+            chunk = next_chunk(seq, left, budget, cfg.tokens_per_block, cfg.enable_chunked_context)
+            if chunk is None:
+                if cfg.enable_chunked_context or admitted or left <= cfg.max_num_tokens:
+                    break  # wait for room
+                chunk = Chunk(seq, left, last=True)  # unchunked, it can never fit: its step's only prefill
             alloc = self.kv.admit(seq.request.input_ids, max_slots(seq.request), seq.hashes)
             if alloc is None:
                 break  # wait for blocks
             q.waiting.popleft()
             self._hold(seq, alloc)
-            budget -= cost
+            budget -= chunk.cost
             seq.first_scheduled_ns = now
             admitted.append(seq)
-        q.running.extend(admitted)
-        return admitted
+            chunks.append(chunk)
+        # The batch: a sequence whose prompt is complete after this step runs, the others prefill on.
+        complete = {c.seq for c in chunks if c.last}
+        started = [s for s in admitted if s.handoff is None and s not in complete]
+        q.running.extend([*(s for s in q.prefilling if s in complete), *(s for s in admitted if s not in started)])
+        q.prefilling = [*(s for s in q.prefilling if s not in complete), *started]
+        return admitted, chunks
 
     def _hold(self, seq: EngineSequence, alloc: Allocation) -> None:
         """The sequence holds `alloc` now (its model view of the blocks); counts reuse and queue time."""

@@ -53,19 +53,27 @@ class SequenceWork:
             self.endings.fail(seq, as_request_error(exc))
             return None
 
-    def prefill(self, seq: EngineSequence) -> int:
-        """Write the prompt's uncached K/V and compute the first token; returns tokens computed."""
+    def prefill(self, seq: EngineSequence, tokens: int | None = None) -> int:
+        """Write the K/V of the prompt's next `tokens` uncached tokens (all of them when None:
+        a chunk of a chunked prefill otherwise), and once the prompt is complete compute the
+        first token; returns tokens computed (at least 1).
+
+        Only blocks now written join the prefix cache, so no other prompt can reuse a block
+        of this one that a later chunk has yet to fill."""
         alloc, kv = seq.alloc, seq.kv
         assert alloc is not None and kv is not None
         ids = seq.request.input_ids
-        kv.length = alloc.cached_tokens
-        self.model.reindex(self.store, kv)
-        if kv.length < len(ids):
-            previous = ids[kv.length - 1] if kv.length else None
-            self.model.write(self.store, kv, ids[kv.length :], previous)
-        self.kv.commit(alloc, seq.tokens, seq.hashes)
-        seq.pending = self.model.next_token(self.store, kv)
-        return max(1, len(ids) - alloc.cached_tokens)
+        if kv.length < alloc.cached_tokens:  # the first chunk: the cached prefix joins the sequence's view
+            kv.length = alloc.cached_tokens
+            self.model.reindex(self.store, kv)
+        start = kv.length
+        end = len(ids) if tokens is None else min(len(ids), start + tokens)
+        if start < end:
+            self.model.write(self.store, kv, ids[start:end], ids[start - 1] if start else None)
+        self.kv.commit(alloc, ids if end == len(ids) else ids[:end], seq.hashes)
+        if end == len(ids):
+            seq.pending = self.model.next_token(self.store, kv)
+        return max(1, end - start)
 
     def decode(self, seqs: list[EngineSequence]) -> int:
         """Write each sequence's last accepted token and compute its next, as one batched model

@@ -1,7 +1,8 @@
-"""Where one engine's sequences are: queued, pulling KV, ready, running, or held by a fault.
+"""Where one engine's sequences are: queued, pulling KV, ready, part-way through a chunked
+prefill, running, or held by a fault.
 
 Why apart from the scheduler (`core.py`): the loop, intake and the ending of requests
-(`endings.py`) all look at the same five places; one object owns them, so "every
+(`endings.py`) all look at the same six places; one object owns them, so "every
 sequence" and "forget the ended ones" are written once.
 """
 
@@ -20,31 +21,35 @@ class SequenceQueues:
     waiting: deque[EngineSequence] = field(default_factory=deque)  # queued for admission (FCFS)
     pulling: set[EngineSequence] = field(default_factory=set)  # admitted, its KV on the way
     ready: deque[EngineSequence] = field(default_factory=deque)  # KV arrived, waiting for a batch slot
+    prefilling: list[EngineSequence] = field(default_factory=list)  # in the batch, prompt part-way (chunking.py)
     running: list[EngineSequence] = field(default_factory=list)  # in the batch
     stalled: list[EngineSequence] = field(default_factory=list)  # fault=stall: held, never answered
 
     def all(self) -> list[EngineSequence]:
         """Every sequence, wherever it is (a copy: ending them while iterating is fine)."""
-        return [*self.waiting, *self.pulling, *self.ready, *self.running, *self.stalled]
+        return [*self.waiting, *self.pulling, *self.ready, *self.prefilling, *self.running, *self.stalled]
 
     @property
     def active(self) -> int:
-        """Requests not yet finished (queued, pulling, ready, running or held)."""
-        return len(self.waiting) + len(self.pulling) + len(self.ready) + len(self.running) + len(self.stalled)
+        """Requests not yet finished (queued, pulling, ready, prefilling, running or held)."""
+        held = len(self.pulling) + len(self.ready) + len(self.prefilling) + len(self.running) + len(self.stalled)
+        return len(self.waiting) + held
 
     def prune(self) -> None:
-        """Forget ended sequences in every queue (the running batch is also pruned each step;
-        a pulling sequence leaves `pulling` when it ends)."""
+        """Forget ended sequences in every queue (the batch, prefilling and running, is also
+        pruned each step; a pulling sequence leaves `pulling` when it ends)."""
         if any(s.done for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.done)
         if any(s.done for s in self.ready):
             self.ready = deque(s for s in self.ready if not s.done)
+        self.prefilling = [s for s in self.prefilling if not s.done]
         self.running = [s for s in self.running if not s.done]
         self.stalled = [s for s in self.stalled if not s.done]
 
     def clear(self) -> None:
-        """Forget everything queued, ready, running or held (shutdown, once each has ended)."""
+        """Forget everything queued, ready, in the batch or held (shutdown, once each has ended)."""
         self.stalled.clear()
         self.waiting.clear()
         self.ready.clear()
+        self.prefilling.clear()
         self.running.clear()

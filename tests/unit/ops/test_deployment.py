@@ -358,6 +358,20 @@ def test_aggregated_file_has_no_context_engines(tmp_path: Path) -> None:
         and params["generation_engines"] == "generation_0,generation_1,generation_2,generation_3"
     )
     assert params["generation_policy"] == "least_loaded" and params["load_metric"] == "tokens"
+    generation = deployment.pool("generation")
+    assert generation is not None and EngineConfig.from_parameters(generation.stub).enable_chunked_context
+
+
+def test_a_tensorrtllm_pool_passes_chunked_context_to_the_backend(tmp_path: Path) -> None:
+    """The backend parameter of the stub knob's name reaches a real engine's config through the
+    pool's `parameters`; a pool that does not set it leaves the backend's default (off)."""
+    repo = build(parse(edited(REAL, "pools.generation.parameters", {"enable_chunked_context": True})), tmp_path)["main"]
+
+    def params(model: str) -> dict[str, str]:
+        return {k: v.string_value for k, v in _model_config(repo / model / "config.pbtxt").parameters.items()}
+
+    assert params("generation_0")["enable_chunked_context"] == "true"
+    assert "enable_chunked_context" not in params("context_0")
 
 
 def _model_config(path: Path) -> model_config_pb2.ModelConfig:
