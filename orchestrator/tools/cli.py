@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("metrics", "print the disagg_* gauges a server holds"),
     "simulate": ("simulate", "a deployment file under a load in virtual time: no Triton, no GPU"),
     "fidelity": ("fidelity", "the simulator against the same deployment served on stubs, side by side"),
+    "pareto": ("pareto", "aggregated vs disaggregated Pareto frontiers at GPU scale, simulated"),
+    "plan": ("plan", "the deployment of a GPU budget with the best goodput per GPU under SLOs, simulated"),
     "openai": ("orchestrator.frontend.server", "OpenAI-compatible HTTP server in front of the ensemble"),
 }
 

@@ -1,0 +1,147 @@
+"""Aggregated vs disaggregated at GPU scale: Pareto frontiers of tokens/s per GPU against
+tokens/s per user, rate-matched and end to end, in the simulator.
+
+For one workload (ISL, OSL):
+- aggregated: one engine of tp GPUs (chunked context on) at each per-engine concurrency k,
+  simulated end to end; per-GPU figures divide by tp (engines of a pool are alike, so one
+  engine's figures are the pool's per GPU).
+- rate-matched disaggregated: each phase alone (`phase_sweeps.py`): a context engine of
+  tp_c GPUs sustains r requests/s (TTFT p50 within a bound); a generation engine of tp_g
+  GPUs decodes T tokens/s at concurrency k, U tokens/s per user. Context engines matched
+  to its rate, x = T / (OSL r) of them per generation engine, make a point
+  (U, T / (tp_g + x tp_c)): the ideal, fractional ratio.
+- end-to-end disaggregated: the rate-matched frontier's shapes built with whole engines
+  (g generation engines, c = round(g x) >= 1 context engines, g chosen to make c/g close
+  to x), served end to end at k users per generation engine.
+
+Throughput is measured in steady state: the first and last `users` requests of a closed
+loop (the ramp up and the drain) are left out; requests/s is the rate at which the
+remaining ones started (Little's law), per user the mean of (tokens - 1) / (end - first token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from orchestrator.bench.goodput import tpot_s
+from orchestrator.bench.stats import RequestResult, percentile
+from orchestrator.bench.workload import LengthDist, Workload
+from orchestrator.sim.driver import simulate
+from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_capacity
+from orchestrator.sim.requests import from_workload
+from orchestrator.sim.shapes import Shape, deployment
+
+LEVELS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # users per generation (or aggregated) engine
+TP_SIZES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One deployment at one load: what each user sees and what each GPU produces."""
+
+    kind: str  # "aggregated", "rate-matched" or "end-to-end"
+    shape: Shape
+    users_per_engine: int
+    tokens_per_s_per_user: float
+    tokens_per_s_per_gpu: float
+    context_per_generation: float = 0.0  # x: context engines per generation engine
+    ttft_p50_s: float | None = None
+    tpot_p50_s: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "shape": self.shape.label, "gpus": self.shape.gpus, "k": self.users_per_engine,
+                "tokens_per_s_per_user": self.tokens_per_s_per_user, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+                "context_per_generation": self.context_per_generation, "ttft_p50_s": self.ttft_p50_s,
+                "tpot_p50_s": self.tpot_p50_s}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Steady:
+    requests_per_s: float
+    tokens_per_s: float
+    tokens_per_s_per_user: float
+    ttft_p50_s: float | None
+    tpot_p50_s: float | None
+
+
+def steady(results: Sequence[RequestResult], users: int) -> Steady:
+    """Steady-state figures of a closed loop of `users` (see the module docstring)."""
+    ordered = sorted((r for r in results if r.ok), key=lambda r: r.start_s)
+    middle = ordered[users : len(ordered) - users] if len(ordered) > 3 * users else ordered
+    if len(middle) < 2:
+        raise ValueError(f"{len(results)} requests are too few to measure a steady state of {users} users")
+    span = middle[-1].start_s - middle[0].start_s
+    rate = (len(middle) - 1) / span if span > 0 else float("inf")
+    mean_out = sum(r.output_tokens for r in middle) / len(middle)
+    per_user = [(r.output_tokens - 1) / (r.e2e_s - r.ttft_s) for r in middle
+                if r.ttft_s is not None and r.output_tokens > 1 and r.e2e_s > r.ttft_s]  # fmt: skip
+    ttfts = [r.ttft_s for r in middle if r.ttft_s is not None]
+    tpots = [t for t in (tpot_s(r) for r in middle) if t is not None]
+    return Steady(rate, rate * mean_out, sum(per_user) / len(per_user) if per_user else 0.0,
+                  percentile(ttfts, 50) if ttfts else None, percentile(tpots, 50) if tpots else None)  # fmt: skip
+
+
+def requests_for(users: int) -> int:
+    return max(48, 4 * users)
+
+
+def end_to_end(shape: Shape, isl: int, osl: int, users_per_engine: int, kind: str, x: float = 0.0) -> Point:
+    """Simulate `shape` with `users_per_engine` closed-loop users per generation engine."""
+    users = users_per_engine * shape.generation
+    workload = Workload(LengthDist("fixed", isl), LengthDist("fixed", osl))
+    run = simulate(deployment(shape, isl), from_workload(workload, requests_for(users), salt=shape.name), users)
+    s = steady(run.results, users)
+    return Point(kind, shape, users_per_engine, s.tokens_per_s_per_user, s.tokens_per_s / shape.gpus, x,
+                 s.ttft_p50_s, s.tpot_p50_s)  # fmt: skip
+
+
+def rate_matched(
+    isl: int, osl: int, context: Mapping[int, Sequence[ContextLevel]], generation: Mapping[int, Sequence[GenerationLevel]],
+    ttft_bound_s: float,
+) -> list[Point]:  # fmt: skip
+    """For each generation tp and level, the best context tp at its ideal ratio."""
+    capacity = {tp: context_capacity(levels, ttft_bound_s) for tp, levels in context.items()}
+    points = []
+    for tp_g, levels in generation.items():
+        for lv in levels:
+            best: Point | None = None
+            for tp_c, rate in capacity.items():
+                if rate <= 0:
+                    continue
+                x = lv.tokens_per_s / (osl * rate)
+                per_gpu = lv.tokens_per_s / (tp_g + x * tp_c)
+                shape = Shape(
+                    generation=1, generation_tp=tp_g, context=1, context_tp=tp_c, max_batch_size=lv.concurrency
+                )
+                point = Point("rate-matched", shape, lv.concurrency, lv.tokens_per_s_per_user, per_gpu, x)
+                if best is None or point.tokens_per_s_per_gpu > best.tokens_per_s_per_gpu:
+                    best = point
+            if best is not None:
+                points.append(best)
+    return points
+
+
+def whole_engines(x: float, max_generation: int = 4) -> tuple[int, int]:
+    """(c, g): whole context and generation engines whose ratio c/g is closest to x (fewest engines on ties)."""
+    options = [(max(1, round(g * x)), g) for g in range(1, max_generation + 1)]
+    return min(options, key=lambda cg: (abs(cg[0] / cg[1] - x) / x, cg[0] + cg[1]))
+
+
+def frontier(points: Iterable[Point]) -> list[Point]:
+    """Points no other beats on both tokens/s/user and tokens/s/GPU, by tokens/s/user ascending."""
+    pts = sorted(points, key=lambda p: (p.tokens_per_s_per_user, p.tokens_per_s_per_gpu), reverse=True)
+    out: list[Point] = []
+    best = -1.0
+    for p in pts:
+        if p.tokens_per_s_per_gpu > best:
+            out.append(p)
+            best = p.tokens_per_s_per_gpu
+    return sorted(out, key=lambda p: p.tokens_per_s_per_user)
+
+
+def at_user_speed(front: Sequence[Point], per_user: float) -> float | None:
+    """Tokens/s per GPU a frontier reaches at `per_user` tokens/s/user (best point at least that
+    fast for each user: the frontier as a step function), None if no point is that fast."""
+    within = [p.tokens_per_s_per_gpu for p in front if p.tokens_per_s_per_user >= per_user]
+    return max(within) if within else None
