@@ -14,9 +14,11 @@ For one workload (ISL, OSL):
   (g generation engines, c = round(g x) >= 1 context engines, g chosen to make c/g close
   to x), served end to end at k users per generation engine.
 
-Throughput is measured in steady state: the first and last `users` requests of a closed
-loop (the ramp up and the drain) are left out; requests/s is the rate at which the
-remaining ones started (Little's law), per user the mean of (tokens - 1) / (end - first token).
+Throughput is the whole run's (requests over the time from the first send to the last
+answer: measured against longer runs, closer than any window, since a closed loop's
+requests start in waves); what each user sees (tokens/s per user, TTFT, TPOT) leaves out
+the first and last `users` requests (the ramp up, and the drain when fewer users share
+the engines and each is served faster).
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def steady(results: Sequence[RequestResult], users: int) -> Steady:
     middle = ordered[users : len(ordered) - users] if len(ordered) > 3 * users else ordered
     if len(middle) < 2:
         raise ValueError(f"{len(results)} requests are too few to measure a steady state of {users} users")
-    span = middle[-1].start_s - middle[0].start_s
-    rate = (len(middle) - 1) / span if span > 0 else float("inf")
-    mean_out = sum(r.output_tokens for r in middle) / len(middle)
+    span = max(r.start_s + r.e2e_s for r in ordered) - ordered[0].start_s
+    rate = len(ordered) / span if span > 0 else float("inf")
+    mean_out = sum(r.output_tokens for r in ordered) / len(ordered)
     per_user = [(r.output_tokens - 1) / (r.e2e_s - r.ttft_s) for r in middle
                 if r.ttft_s is not None and r.output_tokens > 1 and r.e2e_s > r.ttft_s]  # fmt: skip
     ttfts = [r.ttft_s for r in middle if r.ttft_s is not None]
@@ -122,9 +124,13 @@ def rate_matched(
     return points
 
 
-def whole_engines(x: float, max_generation: int = 4) -> tuple[int, int]:
-    """(c, g): whole context and generation engines whose ratio c/g is closest to x (fewest engines on ties)."""
+def whole_engines(x: float, max_generation: int = 4, tolerance: float = 0.1) -> tuple[int, int]:
+    """(c, g): the fewest whole context and generation engines whose ratio c/g is within
+    `tolerance` of x (relative), else the closest ratio with up to `max_generation`."""
     options = [(max(1, round(g * x)), g) for g in range(1, max_generation + 1)]
+    close = [cg for cg in options if abs(cg[0] / cg[1] - x) / x <= tolerance]
+    if close:
+        return min(close, key=lambda cg: cg[0] + cg[1])
     return min(options, key=lambda cg: (abs(cg[0] / cg[1] - x) / x, cg[0] + cg[1]))
 
 
@@ -141,7 +147,16 @@ def frontier(points: Iterable[Point]) -> list[Point]:
 
 
 def at_user_speed(front: Sequence[Point], per_user: float) -> float | None:
-    """Tokens/s per GPU a frontier reaches at `per_user` tokens/s/user (best point at least that
-    fast for each user: the frontier as a step function), None if no point is that fast."""
-    within = [p.tokens_per_s_per_gpu for p in front if p.tokens_per_s_per_user >= per_user]
-    return max(within) if within else None
+    """Tokens/s per GPU a frontier reaches at `per_user` tokens/s/user: linear between its
+    points (a deployment between two measured loads), its slowest point's throughput below
+    them (serving users faster than they need is allowed), None beyond its fastest point."""
+    if not front or per_user > front[-1].tokens_per_s_per_user:
+        return None
+    if per_user <= front[0].tokens_per_s_per_user:
+        return front[0].tokens_per_s_per_gpu
+    for a, b in zip(front, front[1:]):
+        if a.tokens_per_s_per_user <= per_user <= b.tokens_per_s_per_user:
+            span = b.tokens_per_s_per_user - a.tokens_per_s_per_user
+            share = (per_user - a.tokens_per_s_per_user) / span if span else 0.0
+            return a.tokens_per_s_per_gpu + share * (b.tokens_per_s_per_gpu - a.tokens_per_s_per_gpu)
+    return None  # unreachable: the frontier is sorted by tokens/s/user

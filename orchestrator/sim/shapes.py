@@ -11,10 +11,11 @@ and whose KV pool is what `GPU` leaves for the cache on tp GPUs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.ops.deployment import Deployment, parse
+from orchestrator.stub_engine.config import EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +105,28 @@ def deployment_data(shape: Shape, max_input_len: int, gpu: Gpu = H100, name: str
 
 def deployment(shape: Shape, max_input_len: int, gpu: Gpu = H100) -> Deployment:
     return parse(deployment_data(shape, max_input_len, gpu))
+
+
+COST_KNOBS = ("step_overhead_ms", "prefill_us_per_token", "decode_ms_per_step", "decode_us_per_seq",
+              "decode_ns_per_kv_token", "transfer_us_per_token", "tp_comm_us_per_token", "tp_comm_ms_per_step")  # fmt: skip
+
+
+def slowed(d: Deployment, factor: float) -> Deployment:
+    """The same deployment on GPUs `factor` times slower: every modelled duration x factor.
+
+    Why: a deployment planned for thousands of tokens/s cannot be served in real time by
+    stub engines sharing two CPU cores, but the same deployment slowed down can, at the same
+    load in users; every simulated time scales by `factor` and every rate by 1 / factor, so
+    its served goodput (SLOs x factor) checks the plan's goodput / factor.
+    """
+    if factor <= 0:
+        raise ValueError(f"a slow-down factor must be > 0, got {factor}")
+    pools = []
+    for pool in d.pools:
+        if pool.kind != "stub":
+            pools.append(pool)
+            continue
+        config = EngineConfig.from_parameters(pool.stub)
+        costs = {key: repr(getattr(config, key) * factor) for key in COST_KNOBS}
+        pools.append(replace(pool, stub={**pool.stub, **costs}))
+    return replace(d, pools=tuple(pools))

@@ -110,12 +110,15 @@ def run_study(isl: int, osl: int, ttft_bound_s: float = 2.0, workers: int | None
                  points[len(agg_jobs) :])  # fmt: skip
 
 
-def speedups(study: Study, per_user: Sequence[float] | None = None) -> dict[str, Any]:
+USER_SPEEDS = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500)  # tokens/s per user where frontiers are read
+
+
+def speedups(study: Study, per_user: Sequence[float] = USER_SPEEDS) -> dict[str, Any]:
     """Disaggregated (rate-matched, end to end) over aggregated tokens/s per GPU at fixed tokens/s
-    per user; by default at every aggregated frontier point's per-user speed."""
+    per user, each frontier read between its points (`pareto.at_user_speed`)."""
     fronts = study.frontiers()
     agg, rm, e2e = fronts["aggregated"], fronts["rate-matched"], fronts["end-to-end"]
-    speeds = sorted(per_user if per_user is not None else {round(p.tokens_per_s_per_user, 1) for p in agg})
+    speeds = sorted(per_user)
     rows: list[dict[str, Any]] = []
     for u in speeds:
         a, r, e = at_user_speed(agg, u), at_user_speed(rm, u), at_user_speed(e2e, u)

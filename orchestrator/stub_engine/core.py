@@ -227,6 +227,7 @@ class EngineCore:
             admitted, chunks = self._admit()
             if not decoding and not admitted and not chunks:
                 self._wakeup.clear()
+                self._step_end_s = float("-inf")  # time spent waiting is not host work to overlap with a step
                 if not self.active:
                     await self._wakeup.wait()
                 else:  # queued for memory or pulling: wake on news, and look for cancellations now and then

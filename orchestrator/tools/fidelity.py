@@ -9,7 +9,11 @@ then simulate the same file with the same workload, concurrency and request coun
 (`orchestrator.sim`). The table gives both and the simulator's error. Meaningful where this
 machine is not the bottleneck (a few requests in flight): above that, the served run also
 measures the 2 CPU cores the whole deployment shares, which the simulation leaves out.
-Writes OUT/fidelity.json.
+With --goodput, each row also compares goodput (requests/s meeting the SLOs over the
+level, the same definition for both). With --slow-down N, both run the files with every
+modelled duration x N (GPUs N times slower): a deployment planned at GPU scale can then
+be served at its planned load in users on this machine; rates come out / N, so give the
+SLOs x N. Writes OUT/fidelity.json.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.bench.goodput import tpot_s
+from orchestrator.bench.goodput import Slo, goodput, tpot_s
 from orchestrator.bench.stats import RequestResult, percentile
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.ops.deployment import Deployment, load
 from orchestrator.sim.driver import simulate
 from orchestrator.sim.requests import from_workload
+from orchestrator.sim.shapes import slowed
 from orchestrator.tools.compare import engine_count
 from orchestrator.tools.deploy import on_free_ports, serve
-from orchestrator.tools.loadgen import run_meta, sweep
+from orchestrator.tools.loadgen import add_goodput_flag, run_meta, sweep
 
 
 def p50(results: Sequence[RequestResult]) -> tuple[float | None, float | None]:
@@ -52,19 +57,31 @@ def error(sim: float | None, real: float | None) -> float | None:
     return None if sim is None or not real else (sim - real) / real
 
 
-def compare(d: Deployment, workload: Workload, loads: Sequence[int], count: int) -> list[dict[str, Any]]:
-    """One row per concurrency: served and simulated TTFT/TPOT p50 and the relative errors."""
+def level_goodput(results: Sequence[RequestResult], slo: Slo) -> float:
+    """Requests/s meeting the SLO over the level (first send to last answer), the same for both."""
+    span = max(r.start_s + r.e2e_s for r in results) - min(r.start_s for r in results)
+    return goodput(results, span, slo)
+
+
+def compare(
+    d: Deployment, workload: Workload, loads: Sequence[int], count: int, slo: Slo | None = None
+) -> list[dict[str, Any]]:
+    """One row per concurrency: served and simulated TTFT/TPOT p50 (and goodput) and the relative errors."""
     real = served(d, workload, loads, count)
     rows = []
     for c in loads:
         run = simulate(d, from_workload(workload, count, salt=f"c{c}"), concurrency=c)
         (rt, rp), (st, sp) = p50(real[c]), p50(run.results)
-        rows.append({
+        row = {
             "deployment": d.name, "concurrency": c, "requests": count,
             "errors_served": sum(not r.ok for r in real[c]), "errors_simulated": run.summary.errors,
             "ttft_p50_served_s": rt, "ttft_p50_simulated_s": st, "ttft_error": error(st, rt),
             "tpot_p50_served_s": rp, "tpot_p50_simulated_s": sp, "tpot_error": error(sp, rp),
-        })  # fmt: skip
+        }  # fmt: skip
+        if slo is not None:
+            gs, gm = level_goodput(real[c], slo), level_goodput(run.results, slo)
+            row.update(slo=slo.describe(), goodput_served=gs, goodput_simulated=gm, goodput_error=error(gm, gs))
+        rows.append(row)
     return rows
 
 
@@ -81,12 +98,19 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         "| deployment | in flight | TTFT p50 served ms | simulated | error | TPOT p50 served ms | simulated | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    goodputs = any("goodput_served" in r for r in rows)
+    if goodputs:
+        lines[0] += " goodput served req/s | simulated | error |"
+        lines[1] += "---|---|---|"
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['deployment']} | {r['concurrency']} | {_ms(r['ttft_p50_served_s'])} | {_ms(r['ttft_p50_simulated_s'])} "
             f"| {_pct(r['ttft_error'])} | {_ms(r['tpot_p50_served_s'])} | {_ms(r['tpot_p50_simulated_s'])} "
             f"| {_pct(r['tpot_error'])} |"
         )
+        if goodputs:
+            line += f" {r.get('goodput_served', 0):.3f} | {r.get('goodput_simulated', 0):.3f} | {_pct(r.get('goodput_error'))} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -99,7 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels, e.g. 1,2,4")
     parser.add_argument("--count", type=int, default=24, help="requests per level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slow-down", type=float, default=1.0,
+                        help="serve and simulate the files on GPUs this many times slower (every cost x N): "
+                             "a GPU-scale deployment at its planned load in users, within this machine's reach")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="directory for fidelity.json")
+    add_goodput_flag(parser)
     return parser
 
 
@@ -109,10 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = Workload(args.isl, args.osl, 0, args.seed)
     rows: list[dict[str, Any]] = []
     for path in args.deployments:
-        rows.extend(compare(load(path), workload, loads, args.count))
+        d = load(path) if args.slow_down == 1.0 else slowed(load(path), args.slow_down)
+        rows.extend(compare(d, workload, loads, args.count, args.goodput))
         print(format_rows(rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": run_meta(list(argv or []), script="orchestrator/tools/fidelity.py"),
-           "workload": workload.describe(), "rows": rows}  # fmt: skip
+           "workload": workload.describe(), "slow_down": args.slow_down, "rows": rows}  # fmt: skip
     (args.out / "fidelity.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0

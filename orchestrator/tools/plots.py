@@ -88,8 +88,8 @@ def plot_pareto(study: Mapping[str, Any], path: Path, seed_speedup: str = "") ->
                         xytext=(3, 3), fontsize=6, color=color)  # fmt: skip
     speed = study["speedups"].get("rate_matched_speedup")
     measured = f"rate-matched speedup {speed[0]:.2f}-{speed[1]:.2f}x" if speed else ""
-    ax.set_title(f"ISL {study['isl']} / OSL {study['osl']} (simulated, Llama-3.1-8B on H100 cost model): "
-                 f"{measured}{'; seed: ' + seed_speedup if seed_speedup else ''}", fontsize=9)  # fmt: skip
+    ax.set_title(f"ISL {study['isl']} / OSL {study['osl']}, simulated (Llama-3.1-8B BF16 on H100 cost model)\n"
+                 f"{measured}{'; the seed: ' + seed_speedup if seed_speedup else ''}", fontsize=9)  # fmt: skip
     ax.set_xlabel("tokens/s per user")
     ax.set_ylabel("tokens/s per GPU")
     ax.grid(True, alpha=0.3)

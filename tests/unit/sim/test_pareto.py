@@ -19,7 +19,9 @@ def test_the_frontier_keeps_points_no_other_beats_on_both_axes() -> None:
     pts = [point(10, 100), point(20, 90), point(15, 80), point(30, 50), point(30, 40), point(5, 60)]
     assert [(p.tokens_per_s_per_user, p.tokens_per_s_per_gpu) for p in frontier(pts)] == [(10, 100), (20, 90), (30, 50)]
     front = frontier(pts)
-    assert at_user_speed(front, 12) == 90 and at_user_speed(front, 20) == 90 and at_user_speed(front, 31) is None
+    assert at_user_speed(front, 5) == 100, "slower users than the slowest point: its throughput"
+    assert at_user_speed(front, 15) == pytest.approx(95) and at_user_speed(front, 25) == pytest.approx(70)
+    assert at_user_speed(front, 30) == 50 and at_user_speed(front, 31) is None
 
 
 def test_rate_matching_takes_the_best_context_size_at_the_ideal_ratio() -> None:
@@ -36,21 +38,24 @@ def test_whole_engines_come_close_to_the_ratio_with_few_engines() -> None:
     assert whole_engines(0.5) == (1, 2)
     assert whole_engines(1.0) == (1, 1)
     assert whole_engines(0.3) == (1, 3)
-    assert whole_engines(2.4, max_generation=4) == (7, 3)  # 2.33: closest of 2/1, 5/2, 7/3, 10/4
+    assert whole_engines(5.8) == (6, 1), "within 10%: the fewest engines"
+    assert whole_engines(2.4) == (5, 2), "2/1 is 17% off, 5/2 4%"
+    assert whole_engines(2.4, tolerance=0.01) == (7, 3), "closest of 2/1, 5/2, 7/3, 10/4 (2.33)"
 
 
 def result(start: float, ttft: float, e2e: float, tokens: int = 11) -> RequestResult:
     return RequestResult("r", start, ttft, (), e2e, 100, tokens)
 
 
-def test_steady_state_leaves_out_the_ramp_and_the_drain() -> None:
+def test_steady_state_rates_cover_the_run_and_user_figures_leave_out_ramp_and_drain() -> None:
     users = 2
-    results = [result(0.0, 0.1, 1.1), result(0.0, 0.1, 1.1)]  # the ramp: both at once
-    results += [result(1.1 + 0.5 * i, 0.1, 1.1) for i in range(10)]  # one start every 0.5 s
-    results += [result(9.0, 0.1, 5.1), result(9.0, 0.1, 5.1)]  # the drain
+    results = [result(0.0, 0.5, 2.0), result(0.0, 0.5, 2.0)]  # the ramp: both at once, queued
+    results += [result(2.0 + 0.5 * i, 0.1, 1.1) for i in range(10)]  # in steady state
+    results += [result(7.0, 0.1, 3.0), result(7.0, 0.1, 3.0)]  # the drain
     s = steady(results, users)
-    assert s.requests_per_s == pytest.approx(2.0) and s.tokens_per_s == pytest.approx(22.0)
+    assert s.requests_per_s == pytest.approx(14 / 10.0) and s.tokens_per_s == pytest.approx(14 * 11 / 10.0)
     assert s.tokens_per_s_per_user == pytest.approx(10 / 1.0) and s.tpot_p50_s == pytest.approx(0.1)
+    assert s.ttft_p50_s == pytest.approx(0.1)
 
 
 def test_a_gpu_keeps_what_the_weights_leave_for_kv() -> None:

@@ -14,6 +14,7 @@ from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.ops.deployment import Deployment, load, parse
 from orchestrator.sim.driver import simulate
 from orchestrator.sim.requests import from_trace, from_workload, poisson_arrivals
+from orchestrator.sim.shapes import slowed
 from orchestrator.stub_engine.config import EngineConfig
 
 COSTS = {"step_overhead_ms": 0.5, "prefill_us_per_token": 32, "decode_ms_per_step": 6, "decode_us_per_seq": 32,
@@ -117,3 +118,27 @@ def test_a_real_engine_pool_is_refused_with_the_reason() -> None:
     d = load(Path(__file__).resolve().parents[3] / "deployments" / "trtllm-1ctx-1gen.yaml")
     with pytest.raises(ValueError, match=r"pools\.\w+: the simulator runs stub engines only"):
         simulate(d, requests(8, 2, 1), concurrency=1)
+
+
+def test_a_slowed_deployment_takes_every_modelled_time_times_the_factor() -> None:
+    d = deployment(context=1, generation=1, ctx_tp=2)
+    reqs = requests(1024, 32, 4)
+    base, slow = simulate(d, reqs, concurrency=1), simulate(slowed(d, 4.0), reqs, concurrency=1)
+    assert slow.summary.ttft_p50_s == pytest.approx(4 * base.summary.ttft_p50_s)  # type: ignore[operator]
+    assert slow.tpot_p50_s == pytest.approx(4 * base.tpot_p50_s)  # type: ignore[operator]
+    assert slow.summary.requests_per_s == pytest.approx(base.summary.requests_per_s / 4)
+    with pytest.raises(ValueError, match="must be > 0"):
+        slowed(d, 0)
+
+
+def test_the_simulate_command_prints_a_table_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.tools import simulate as simulate_tool
+
+    out = tmp_path / "run.json"
+    rc = simulate_tool.main([str(Path(__file__).resolve().parents[3] / "deployments" / "default.yaml"),
+                             "--isl", "256", "--osl", "8", "--concurrency", "1,2", "--count", "6",
+                             "--json", str(out), "--goodput", "ttft_ms:1000"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0 and "6 GPUs" in printed and "goodput req/s" in printed and "TPOT p50" in printed
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["load"] for lv in levels] == [1, 2] and all(lv["errors"] == 0 for lv in levels)
