@@ -65,6 +65,7 @@ class PolicyOptions:
 
 class RoutingPolicy(Protocol):
     name: str
+    reads_cache: bool  # whether `select` looks at Candidate.cached_blocks (the router's prefix prediction)
 
     def select(self, candidates: Sequence[Candidate], request: RouteRequest) -> Candidate:
         """Pick one of a non-empty candidate list."""
@@ -95,6 +96,7 @@ class _Rotating:
 
 class RoundRobin(_Rotating):
     name = "round_robin"
+    reads_cache = False
     knobs: tuple[str, ...] = ()  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
@@ -109,6 +111,7 @@ class RoundRobin(_Rotating):
 
 class LeastLoaded(_Rotating):
     name = "least_loaded"
+    reads_cache = False
     knobs: tuple[str, ...] = ("load_metric",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
@@ -124,6 +127,7 @@ class LeastLoaded(_Rotating):
 
 class KvAware(_Rotating):
     name = "kv_aware"
+    reads_cache = True
     knobs: tuple[str, ...] = ("kv_weight",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
@@ -141,6 +145,7 @@ class KvAware(_Rotating):
 
 class PowerOfTwo:
     name = "power_of_two"
+    reads_cache = False
     knobs: tuple[str, ...] = ("seed", "load_metric")  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:
@@ -161,6 +166,7 @@ class PowerOfTwo:
 
 class RandomPick:
     name = "random"
+    reads_cache = False
     knobs: tuple[str, ...] = ("seed",)  # the PolicyOptions fields it reads
 
     def __init__(self, options: PolicyOptions = PolicyOptions()) -> None:

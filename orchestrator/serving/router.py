@@ -63,6 +63,9 @@ class Router:
             Phase.CONTEXT: make_policy(config.context_policy, options, "context_policy"),
             Phase.GENERATION: make_policy(config.generation_policy, options, "generation_policy"),
         }
+        # Prompt block hashes feed the prefix prediction, which only kv_aware routing and the
+        # short-prompt rule read; without them a long prompt's hashes are not worth computing.
+        self.predicts_cache = config.local_prefill_max_tokens > 0 or any(p.reads_cache for p in self.policies.values())
         self.decisions: Counter[tuple[str, str]] = Counter()  # (phase, engine) -> decisions
         self.retries: Counter[str] = Counter()  # phase -> retried attempts
         self.local: Counter[str] = Counter()  # reason -> requests served without the context hop
@@ -72,7 +75,8 @@ class Router:
 
     # -- requests ----------------------------------------------------------------------
     def request(self, request_id: str, input_ids: Sequence[int], max_tokens: int) -> RouteRequest:
-        """What routing needs of a request, block hashes included (computed once)."""
+        """What routing needs of a request, block hashes included (computed once, and only when
+        something reads the prefix prediction: `predicts_cache`)."""
         tpb = self.tokens_per_block
         return RouteRequest(
             request_id=request_id,
@@ -80,7 +84,7 @@ class Router:
             prompt_blocks=len(input_ids) // tpb,
             tokens_per_block=tpb,
             max_tokens=max_tokens,
-            hashes=tuple(block_hashes(input_ids, tpb)),
+            hashes=tuple(block_hashes(input_ids, tpb)) if self.predicts_cache else (),
         )
 
     def pick(self, phase: Phase, request: RouteRequest, exclude: Sequence[str] = (), attempt: int = 0) -> RouteDecision:

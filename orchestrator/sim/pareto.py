@@ -14,11 +14,7 @@ For one workload (ISL, OSL):
   (g generation engines, c = round(g x) >= 1 context engines, g chosen to make c/g close
   to x), served end to end at k users per generation engine.
 
-Throughput is the whole run's (requests over the time from the first send to the last
-answer: measured against longer runs, closer than any window, since a closed loop's
-requests start in waves); what each user sees (tokens/s per user, TTFT, TPOT) leaves out
-the first and last `users` requests (the ramp up, and the drain when fewer users share
-the engines and each is served faster).
+Throughput and what users see are measured in steady state (`steady.py`).
 """
 
 from __future__ import annotations
@@ -26,13 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from orchestrator.bench.goodput import tpot_s
-from orchestrator.bench.stats import RequestResult, percentile
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.sim.driver import simulate
 from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_capacity
 from orchestrator.sim.requests import from_workload
 from orchestrator.sim.shapes import Shape, deployment
+from orchestrator.sim.steady import steady
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # users per generation (or aggregated) engine
 TP_SIZES = (1, 2, 4, 8)
@@ -56,32 +51,6 @@ class Point:
                 "tokens_per_s_per_user": self.tokens_per_s_per_user, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
                 "context_per_generation": self.context_per_generation, "ttft_p50_s": self.ttft_p50_s,
                 "tpot_p50_s": self.tpot_p50_s}  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Steady:
-    requests_per_s: float
-    tokens_per_s: float
-    tokens_per_s_per_user: float
-    ttft_p50_s: float | None
-    tpot_p50_s: float | None
-
-
-def steady(results: Sequence[RequestResult], users: int) -> Steady:
-    """Steady-state figures of a closed loop of `users` (see the module docstring)."""
-    ordered = sorted((r for r in results if r.ok), key=lambda r: r.start_s)
-    middle = ordered[users : len(ordered) - users] if len(ordered) > 3 * users else ordered
-    if len(middle) < 2:
-        raise ValueError(f"{len(results)} requests are too few to measure a steady state of {users} users")
-    span = max(r.start_s + r.e2e_s for r in ordered) - ordered[0].start_s
-    rate = len(ordered) / span if span > 0 else float("inf")
-    mean_out = sum(r.output_tokens for r in ordered) / len(ordered)
-    per_user = [(r.output_tokens - 1) / (r.e2e_s - r.ttft_s) for r in middle
-                if r.ttft_s is not None and r.output_tokens > 1 and r.e2e_s > r.ttft_s]  # fmt: skip
-    ttfts = [r.ttft_s for r in middle if r.ttft_s is not None]
-    tpots = [t for t in (tpot_s(r) for r in middle) if t is not None]
-    return Steady(rate, rate * mean_out, sum(per_user) / len(per_user) if per_user else 0.0,
-                  percentile(ttfts, 50) if ttfts else None, percentile(tpots, 50) if tpots else None)  # fmt: skip
 
 
 def requests_for(users: int) -> int:

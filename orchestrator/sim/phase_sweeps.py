@@ -5,10 +5,12 @@ The method is the one `disagg compare` runs against served stub engines (see
 
 - context: closed loops of `context_only` requests on one context engine; each finished
   prefill's lease is dropped at once (no generation engine pulls it). Per level: requests/s
-  and TTFT p50. Capacity: the best rate whose TTFT p50 stays within a bound.
+  and TTFT p50 in steady state (`steady.py`). Capacity: the best rate whose TTFT p50 stays
+  within a bound.
 - generation: closed loops of whole requests on one engine whose prefill is free
-  (`prefill_us_per_token` 0), so what is measured is decoding over contexts of the
-  workload's length: tokens/s of the engine and tokens/s each user sees (1 / TPOT).
+  (`prefill_us_per_token` and `tp_comm_us_per_token` 0), so what is measured is decoding
+  over contexts of the workload's length: tokens/s of the engine and tokens/s each user
+  sees (1 / TPOT).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestrator.bench.stats import percentile
+from orchestrator.bench.stats import RequestResult
 from orchestrator.sim.cluster import SIM_SECRET, LocalTransport
+from orchestrator.sim.steady import steady
 from orchestrator.sim.virtual_loop import run
 from orchestrator.stub_engine.clock import EngineClock
 from orchestrator.stub_engine.config import EngineConfig
@@ -99,6 +102,13 @@ async def _closed_loop(
     return times
 
 
+def _results(times: Sequence[tuple[float, float, float]], isl: int, osl: int) -> list[RequestResult]:
+    return [
+        RequestResult(f"p{i}", start, first - start, (), end - start, isl, osl)
+        for i, (start, first, end) in enumerate(times)
+    ]
+
+
 def _engine(config: EngineConfig) -> EngineCore:
     loop = asyncio.get_running_loop()
     return EngineCore("probe", config, transport=LocalTransport({}), clock=EngineClock.of_loop(loop),
@@ -121,9 +131,8 @@ def context_sweep(config: EngineConfig, isl: int, levels: Sequence[int]) -> list
                 times = await _closed_loop(core, users, _requests_for(users), isl, 1, RequestType.CONTEXT_ONLY)
             finally:
                 await core.close()
-            span = max(t[2] for t in times) - min(t[0] for t in times)
-            ttft = percentile([t[1] - t[0] for t in times], 50)
-            out.append(ContextLevel(users, len(times) / span, ttft))
+            st = steady(_results(times, isl, 1), users)
+            out.append(ContextLevel(users, st.requests_per_s, st.ttft_p50_s or 0.0))
         return out
 
     return run(main())
@@ -133,7 +142,8 @@ def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[
     """One generation engine of `config` (its prefill made free) at each closed-loop concurrency."""
     # A generation-only engine spends no token budget on prompts (its KV arrives pulled): the
     # probe's budget must not either, or long prompts would be admitted one at a time.
-    free_prefill = replace(config, prefill_us_per_token=0.0, max_batch_size=max(levels),
+    # Its prefill costs nothing, all-reduces included (with tp > 1 they are per prefilled token too).
+    free_prefill = replace(config, prefill_us_per_token=0.0, tp_comm_us_per_token=0.0, max_batch_size=max(levels),
                            max_num_tokens=isl * max(levels) + max(levels))  # fmt: skip
 
     async def main() -> list[GenerationLevel]:
@@ -144,10 +154,8 @@ def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[
                 times = await _closed_loop(core, users, _requests_for(users), isl, osl, RequestType.AGGREGATE)
             finally:
                 await core.close()
-            steady = times[users:]  # the first wave starts together: leave it out
-            span = max(t[2] for t in steady) - min(t[0] for t in steady)
-            per_user = [(osl - 1) / (t[2] - t[1]) for t in steady if t[2] > t[1]]
-            out.append(GenerationLevel(users, len(steady) * osl / span, sum(per_user) / len(per_user)))
+            st = steady(_results(times, isl, osl), users)
+            out.append(GenerationLevel(users, st.tokens_per_s, st.tokens_per_s_per_user))
         return out
 
     return run(main())

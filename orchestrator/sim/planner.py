@@ -25,10 +25,11 @@ from typing import Sequence
 from orchestrator.bench.goodput import Slo
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.sim.driver import simulate
-from orchestrator.sim.pareto import TP_SIZES, requests_for, steady
+from orchestrator.sim.pareto import TP_SIZES, requests_for
 from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_capacity
 from orchestrator.sim.requests import SimRequest, from_workload
 from orchestrator.sim.shapes import Shape, deployment
+from orchestrator.sim.steady import steady, steady_goodput
 from orchestrator.sim.study import context_sweeps, generation_sweeps, parallel_map
 
 # A shape is tried with every batch slot of its generation engines taken by a user, then,
@@ -111,14 +112,12 @@ def _evaluate(args: tuple[Shape, int, int, Slo, tuple[SimRequest, ...] | None]) 
         users = max(1, round(full * share))
         workload = Workload(LengthDist("fixed", isl), LengthDist("fixed", osl))
         run = simulate(d, from_workload(workload, requests_for(users), salt=f"plan-{shape.name}"), users, slo=slo)
-        ordered = sorted(run.results, key=lambda r: r.start_s)
-        middle = ordered[users : len(ordered) - users] or ordered  # what users see once ramped up
-        met = sum(slo.meets(r) for r in middle) / len(middle)
         st = steady(run.results, users)
-        found = Candidate(shape, users, st.requests_per_s * met, st.requests_per_s, st.ttft_p50_s, st.tpot_p50_s)
+        good = steady_goodput(run.results, users, slo)
+        found = Candidate(shape, users, good, st.requests_per_s, st.ttft_p50_s, st.tpot_p50_s)
         if best is None or found.goodput > best.goodput:
             best = found
-        if met >= ENOUGH_MET:
+        if good >= ENOUGH_MET * st.requests_per_s:
             break  # fewer users would only lower the rate
     assert best is not None
     return best
@@ -141,4 +140,5 @@ def plan(
     frozen = tuple(trace) if trace else None
     jobs = [(replace(s), isl, osl, slo, frozen) for s in dict.fromkeys(shapes)]
     results = parallel_map(_evaluate, jobs, workers or 2)
-    return sorted(results, key=lambda c: (-c.goodput_per_gpu, c.shape.gpus))
+    # ties: fewer GPUs, then fewer batch slots (the same goodput with less KV memory promised)
+    return sorted(results, key=lambda c: (-c.goodput_per_gpu, c.shape.gpus, c.shape.max_batch_size))

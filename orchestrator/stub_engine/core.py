@@ -262,8 +262,11 @@ class EngineCore:
         self.step_log.append((prefill_tokens, len(decoding), len(admitted)))
         cost = self.config.step_seconds(prefill_tokens, len(decoding), kv_tokens)
         cost += slow_step_s(self.config, (s.fault for s in (*admitted, *(c.seq for c in chunks), *decoding)))
-        await asyncio.sleep(max(0.0, cost - (elapsed() - started)))
-        self._step_end_s = elapsed()
+        deadline = started + cost
+        await asyncio.sleep(max(0.0, deadline - elapsed()))
+        # The step ends at its deadline, not when the loop woke up: a late wake-up (timer slack,
+        # a busy host) is host time the next step absorbs, so steps keep the modelled cadence.
+        self._step_end_s = deadline
         now = self._clock_ns()
         for seq in (*pulled, *(c.seq for c in chunks if c.last)):
             if not seq.done:

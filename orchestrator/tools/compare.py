@@ -86,7 +86,8 @@ def end_to_end(
 
 def _probe_repository(dest: Path, context: Pool, generation: Pool) -> Path:
     write_model(dest, "context_0", ModelSpec("context_0", context.stub))
-    write_model(dest, "generation_probe", ModelSpec("generation_0", {**generation.stub, "prefill_us_per_token": "0"}))
+    free_prefill = {"prefill_us_per_token": "0", "tp_comm_us_per_token": "0"}  # all-reduces are per prefilled token too
+    write_model(dest, "generation_probe", ModelSpec("generation_0", {**generation.stub, **free_prefill}))
     return dest
 
 

@@ -9,8 +9,9 @@ then simulate the same file with the same workload, concurrency and request coun
 (`orchestrator.sim`). The table gives both and the simulator's error. Meaningful where this
 machine is not the bottleneck (a few requests in flight): above that, the served run also
 measures the 2 CPU cores the whole deployment shares, which the simulation leaves out.
-With --goodput, each row also compares goodput (requests/s meeting the SLOs over the
-level, the same definition for both). With --slow-down N, both run the files with every
+With --goodput, each row also compares goodput, counted for both as `disagg plan` counts
+it: the steady-state rate (`orchestrator.sim.steady`) times the share of
+steady-state requests meeting every bound. With --slow-down N, both run the files with every
 modelled duration x N (GPUs N times slower): a deployment planned at GPU scale can then
 be served at its planned load in users on this machine; rates come out / N, so give the
 SLOs x N. Writes OUT/fidelity.json.
@@ -25,13 +26,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.bench.goodput import Slo, goodput, tpot_s
+from orchestrator.bench.goodput import Slo, tpot_s
 from orchestrator.bench.stats import RequestResult, percentile
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.ops.deployment import Deployment, load
 from orchestrator.sim.driver import simulate
 from orchestrator.sim.requests import from_workload
 from orchestrator.sim.shapes import slowed
+from orchestrator.sim.steady import steady_goodput
 from orchestrator.tools.compare import engine_count
 from orchestrator.tools.deploy import on_free_ports, serve
 from orchestrator.tools.loadgen import add_goodput_flag, run_meta, sweep
@@ -57,12 +59,6 @@ def error(sim: float | None, real: float | None) -> float | None:
     return None if sim is None or not real else (sim - real) / real
 
 
-def level_goodput(results: Sequence[RequestResult], slo: Slo) -> float:
-    """Requests/s meeting the SLO over the level (first send to last answer), the same for both."""
-    span = max(r.start_s + r.e2e_s for r in results) - min(r.start_s for r in results)
-    return goodput(results, span, slo)
-
-
 def compare(
     d: Deployment, workload: Workload, loads: Sequence[int], count: int, slo: Slo | None = None
 ) -> list[dict[str, Any]]:
@@ -79,7 +75,7 @@ def compare(
             "tpot_p50_served_s": rp, "tpot_p50_simulated_s": sp, "tpot_error": error(sp, rp),
         }  # fmt: skip
         if slo is not None:
-            gs, gm = level_goodput(real[c], slo), level_goodput(run.results, slo)
+            gs, gm = steady_goodput(real[c], c, slo), steady_goodput(run.results, c, slo)  # as `disagg plan` counts
             row.update(slo=slo.describe(), goodput_served=gs, goodput_simulated=gm, goodput_error=error(gm, gs))
         rows.append(row)
     return rows

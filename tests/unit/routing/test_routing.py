@@ -136,7 +136,7 @@ def test_prefix_index_matches_leading_blocks_and_evicts_lru() -> None:
 
 
 def test_router_hashes_agree_with_the_engines() -> None:
-    router = Router(OrchestratorConfig(("c0",), ("g0",), tokens_per_block=16))
+    router = Router(OrchestratorConfig(("c0",), ("g0",), tokens_per_block=16, context_policy="kv_aware"))
     ids = list(range(100))
     route = router.request("r", ids, 8)
     assert route.hashes == tuple(block_hashes(ids, 16)) and route.prompt_blocks == 6
@@ -302,3 +302,22 @@ def test_config_reads_pools_from_a_pool_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"context_engines": ["c0"]}')
     with pytest.raises(ValueError, match="pool_file .*bad.json: 'generation_engines' must list"):
         OrchestratorConfig.from_parameters({"pool_file": "bad.json"}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "predicts"),
+    [
+        ({"context_policy": "least_loaded", "generation_policy": "round_robin"}, False),
+        ({"context_policy": "kv_aware", "generation_policy": "least_loaded"}, True),
+        ({"context_policy": "least_loaded", "generation_policy": "least_loaded", "local_prefill_max_tokens": 64}, True),
+    ],
+)
+def test_prompt_hashes_are_computed_only_when_something_reads_the_prefix_prediction(
+    settings: dict[str, object], predicts: bool
+) -> None:
+    router = Router(OrchestratorConfig(("c0",), ("g0",), tokens_per_block=16, **settings))  # type: ignore[arg-type]
+    route = router.request("r", list(range(100)), 8)
+    assert router.predicts_cache is predicts
+    assert route.hashes == (tuple(block_hashes(list(range(100)), 16)) if predicts else ())
+    router.pick(Phase.GENERATION, route)
+    assert len(router.pools[Phase.GENERATION].get("g0").index) == (6 if predicts else 0)  # type: ignore[union-attr]

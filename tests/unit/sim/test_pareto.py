@@ -6,9 +6,10 @@ import pytest
 
 from orchestrator.bench.stats import RequestResult
 from orchestrator.ops.deployment import parse
-from orchestrator.sim.pareto import Point, at_user_speed, frontier, rate_matched, steady, whole_engines
+from orchestrator.sim.pareto import Point, at_user_speed, frontier, rate_matched, whole_engines
 from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel
 from orchestrator.sim.shapes import H100, Gpu, Shape, deployment_data
+from orchestrator.sim.steady import steady
 
 
 def point(user: float, gpu: float, kind: str = "aggregated") -> Point:
@@ -47,15 +48,20 @@ def result(start: float, ttft: float, e2e: float, tokens: int = 11) -> RequestRe
     return RequestResult("r", start, ttft, (), e2e, 100, tokens)
 
 
-def test_steady_state_rates_cover_the_run_and_user_figures_leave_out_ramp_and_drain() -> None:
+def test_steady_state_counts_completions_between_the_first_wave_and_the_drain() -> None:
+    """Two users, a request a second each, the second user half a second behind; the first
+    wave queued (2 s each) and the last requests drain alone (faster): neither counts."""
     users = 2
-    results = [result(0.0, 0.5, 2.0), result(0.0, 0.5, 2.0)]  # the ramp: both at once, queued
-    results += [result(2.0 + 0.5 * i, 0.1, 1.1) for i in range(10)]  # in steady state
-    results += [result(7.0, 0.1, 3.0), result(7.0, 0.1, 3.0)]  # the drain
+    results = [result(0.0, 1.0, 2.0), result(0.5, 1.0, 2.0)]  # the first wave, slowed by queueing
+    for i in range(8):
+        results += [result(2.0 + i, 0.1, 1.0), result(2.5 + i, 0.1, 1.0)]  # two completions a second
+    results += [result(10.0, 0.1, 1.0), result(10.5, 0.1, 0.5)]  # the drain: the last one alone, faster
     s = steady(results, users)
-    assert s.requests_per_s == pytest.approx(14 / 10.0) and s.tokens_per_s == pytest.approx(14 * 11 / 10.0)
-    assert s.tokens_per_s_per_user == pytest.approx(10 / 1.0) and s.tpot_p50_s == pytest.approx(0.1)
+    assert s.requests_per_s == pytest.approx(2.0) and s.tokens_per_s == pytest.approx(22.0)
+    assert s.tokens_per_s_per_user == pytest.approx(10 / 0.9) and s.tpot_p50_s == pytest.approx(0.09)
     assert s.ttft_p50_s == pytest.approx(0.1)
+    whole = len(results) / (11.0 - 0.0)
+    assert whole < 1.9, "the whole run's rate would be biased by ramp and drain"
 
 
 def test_a_gpu_keeps_what_the_weights_leave_for_kv() -> None:
