@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every figure and table of BENCHMARKS.md that a command produces.
-#   bash benchmarks/figures.sh          everything (about 45 minutes on a 2-core machine)
-#   bash benchmarks/figures.sh sim      the simulator's sections only (about 15 minutes)
+#   bash benchmarks/figures.sh          everything (about 40 minutes on a 2-core machine)
+#   bash benchmarks/figures.sh sim      the simulator's sections only (about 10 minutes)
 #   bash benchmarks/figures.sh served   the served (real-time, stub engines) sections only
 # Served runs measure this machine too: run them on an otherwise idle one.
 set -euo pipefail
@@ -22,6 +22,8 @@ simulator() {
     # The planner on the seed's ISL 8192 / OSL 256 with 8 GPUs.
     "$disagg" plan --isl 8192 --osl 256 --gpus 8 --goodput ttft_ms:2000 tpot_ms:25 --out "$out/plan/planned.yaml" \
         | tee "$out/plan/plan.txt"
+    "$disagg" plan --isl 8192 --osl 256 --gpus 8 --goodput ttft_ms:2000 tpot_ms:10 \
+        --out "$out/plan/planned-tpot10.yaml" | tee "$out/plan/plan-tpot10.txt"
 }
 
 served() {
@@ -30,8 +32,12 @@ served() {
         --concurrency 1,2,4 --count 24 --out "$out/fidelity"
     "$disagg" fidelity deployments/default.yaml deployments/aggregated.yaml --isl 1024 --osl 128 \
         --concurrency 1,2,4 --count 24 --out "$out/fidelity-1024"
-    # The planned deployment served on stubs at small scale, against its simulation.
-    "$disagg" fidelity "$out/plan/planned.yaml" --isl 8192 --osl 256 --concurrency 1,2 --count 16 --out "$out/plan"
+    # The planned deployments served on stub engines 8 times slower, at the users each plan
+    # printed (64 and 24 on 2026-12-02: change them if a new plan says otherwise), SLOs x 8.
+    "$disagg" fidelity "$out/plan/planned.yaml" --isl 8192 --osl 256 --concurrency 64 --count 256 --slow-down 8 \
+        --goodput ttft_ms:16000 tpot_ms:200 --out "$out/plan/served"
+    "$disagg" fidelity "$out/plan/planned-tpot10.yaml" --isl 8192 --osl 256 --concurrency 24 --count 96 \
+        --slow-down 8 --goodput ttft_ms:16000 tpot_ms:80 --out "$out/plan/served-tpot10"
     bash benchmarks/seed.sh
 }
 
