@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, context_capacity
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.sim.driver import simulate
-from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_capacity
 from orchestrator.sim.requests import from_workload
 from orchestrator.sim.shapes import Shape, deployment
 from orchestrator.sim.steady import steady
@@ -68,7 +68,7 @@ def end_to_end(shape: Shape, isl: int, osl: int, users_per_engine: int, kind: st
 
 
 def rate_matched(
-    isl: int, osl: int, context: Mapping[int, Sequence[ContextLevel]], generation: Mapping[int, Sequence[GenerationLevel]],
+    isl: int, osl: int, context: Mapping[int, Sequence[ContextPoint]], generation: Mapping[int, Sequence[GenerationPoint]],
     ttft_bound_s: float,
 ) -> list[Point]:  # fmt: skip
     """For each generation tp and level, the best context tp at its ideal ratio."""

@@ -1,7 +1,8 @@
 """Each phase alone on one engine, in virtual time: the inputs of rate matching at GPU scale.
 
 The method is the one `disagg compare` runs against served stub engines (see
-`orchestrator.bench.rate_matching`), here on symbolic engines of any tensor-parallel size:
+`orchestrator.bench.rate_matching`, whose points these sweeps return and whose
+`context_capacity` reads them), here on symbolic engines of any tensor-parallel size:
 
 - context: closed loops of `context_only` requests on one context engine; each finished
   prefill's lease is dropped at once (no generation engine pulls it). Per level: requests/s
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint
 from orchestrator.bench.stats import RequestResult
 from orchestrator.sim.cluster import SIM_SECRET, LocalTransport
 from orchestrator.sim.steady import steady
@@ -32,20 +34,6 @@ from orchestrator.stub_engine.core import EngineCore
 from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
 from orchestrator.wire.errors import RequestError
 from orchestrator.wire.stop_condition import StopCondition
-
-
-@dataclass(frozen=True, slots=True)
-class ContextLevel:
-    concurrency: int
-    requests_per_s: float
-    ttft_p50_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationLevel:
-    concurrency: int
-    tokens_per_s: float
-    tokens_per_s_per_user: float
 
 
 class _Done:
@@ -119,10 +107,10 @@ def _requests_for(users: int) -> int:
     return max(64, 6 * users)
 
 
-def context_sweep(config: EngineConfig, isl: int, levels: Sequence[int]) -> list[ContextLevel]:
+def context_sweep(config: EngineConfig, isl: int, levels: Sequence[int]) -> list[ContextPoint]:
     """One context engine of `config` at each closed-loop concurrency."""
 
-    async def main() -> list[ContextLevel]:
+    async def main() -> list[ContextPoint]:
         out = []
         for users in levels:
             core = _engine(config)
@@ -132,13 +120,13 @@ def context_sweep(config: EngineConfig, isl: int, levels: Sequence[int]) -> list
             finally:
                 await core.close()
             st = steady(_results(times, isl, 1), users)
-            out.append(ContextLevel(users, st.requests_per_s, st.ttft_p50_s or 0.0))
+            out.append(ContextPoint(users, st.requests_per_s, st.ttft_p50_s or 0.0))  # TTFT p50
         return out
 
     return run(main())
 
 
-def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[int]) -> list[GenerationLevel]:
+def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[int]) -> list[GenerationPoint]:
     """One generation engine of `config` (its prefill made free) at each closed-loop concurrency."""
     # A generation-only engine spends no token budget on prompts (its KV arrives pulled): the
     # probe's budget must not either, or long prompts would be admitted one at a time.
@@ -146,7 +134,7 @@ def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[
     free_prefill = replace(config, prefill_us_per_token=0.0, tp_comm_us_per_token=0.0, max_batch_size=max(levels),
                            max_num_tokens=isl * max(levels) + max(levels))  # fmt: skip
 
-    async def main() -> list[GenerationLevel]:
+    async def main() -> list[GenerationPoint]:
         out = []
         for users in levels:
             core = _engine(free_prefill)
@@ -155,12 +143,7 @@ def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[
             finally:
                 await core.close()
             st = steady(_results(times, isl, osl), users)
-            out.append(GenerationLevel(users, st.tokens_per_s, st.tokens_per_s_per_user))
+            out.append(GenerationPoint(users, st.tokens_per_s, st.tokens_per_s_per_user))
         return out
 
     return run(main())
-
-
-def context_capacity(levels: Sequence[ContextLevel], ttft_bound_s: float) -> float:
-    """Requests/s one context engine sustains with TTFT p50 within the bound (0: none does)."""
-    return max((lv.requests_per_s for lv in levels if lv.ttft_p50_s <= ttft_bound_s), default=0.0)

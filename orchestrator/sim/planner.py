@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from orchestrator.bench.goodput import Slo
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, context_capacity
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.sim.driver import simulate
 from orchestrator.sim.pareto import TP_SIZES, requests_for
-from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_capacity
 from orchestrator.sim.requests import SimRequest, from_workload
 from orchestrator.sim.shapes import Shape, deployment
 from orchestrator.sim.steady import steady, steady_goodput
@@ -62,7 +62,7 @@ class Candidate:
                 f"{self.requests_per_s:.2f} req/s, TTFT p50 {ttft} ms, TPOT p50 {tpot} ms")  # fmt: skip
 
 
-def _tpot_levels(levels: Sequence[GenerationLevel], slo: Slo, below: int = 1) -> list[int]:
+def _tpot_levels(levels: Sequence[GenerationPoint], slo: Slo, below: int = 1) -> list[int]:
     """The highest level meeting the TPOT bound, `below` more under it, and the next one up
     (no TPOT bound: every level). Aggregated engines look further down (`below`): their
     prefill chunks slow every decode, which a generation-only sweep does not see."""
@@ -77,7 +77,7 @@ def _tpot_levels(levels: Sequence[GenerationLevel], slo: Slo, below: int = 1) ->
 
 
 def disaggregated_candidates(
-    gpus: int, osl: int, slo: Slo, context: dict[int, list[ContextLevel]], generation: dict[int, list[GenerationLevel]],
+    gpus: int, osl: int, slo: Slo, context: dict[int, list[ContextPoint]], generation: dict[int, list[GenerationPoint]],
     keep: int,
 ) -> list[tuple[Shape, float]]:  # fmt: skip
     """The `keep` best disaggregated (shape, rate-matched goodput per GPU) within the budget."""

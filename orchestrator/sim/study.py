@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence, TypeVar
 
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint
 from orchestrator.sim.pareto import (
     LEVELS,
     TP_SIZES,
@@ -24,7 +25,7 @@ from orchestrator.sim.pareto import (
     rate_matched,
     whole_engines,
 )  # fmt: skip
-from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel, context_sweep, generation_sweep
+from orchestrator.sim.phase_sweeps import context_sweep, generation_sweep
 from orchestrator.sim.shapes import H100, MAX_NUM_TOKENS, Shape
 from orchestrator.stub_engine.config import EngineConfig
 
@@ -37,8 +38,8 @@ class Study:
     isl: int
     osl: int
     ttft_bound_s: float
-    context: dict[int, list[ContextLevel]]
-    generation: dict[int, list[GenerationLevel]]
+    context: dict[int, list[ContextPoint]]
+    generation: dict[int, list[GenerationPoint]]
     aggregated: list[Point]
     rate_matched: list[Point]
     end_to_end: list[Point]
@@ -68,13 +69,13 @@ def engine_config(tp: int, isl: int, batch: int) -> EngineConfig:
                         max_tokens_in_paged_kv_cache=H100.kv_tokens(tp), max_queued_requests=0)  # fmt: skip
 
 
-def context_sweeps(args: tuple[int, int]) -> tuple[int, list[ContextLevel]]:
+def context_sweeps(args: tuple[int, int]) -> tuple[int, list[ContextPoint]]:
     """(tp, isl) -> (tp, the context sweep of an engine of tp GPUs): a picklable job."""
     tp, isl = args
     return tp, context_sweep(engine_config(tp, isl, max(CONTEXT_LEVELS)), isl, CONTEXT_LEVELS)
 
 
-def generation_sweeps(args: tuple[int, int, int]) -> tuple[int, list[GenerationLevel]]:
+def generation_sweeps(args: tuple[int, int, int]) -> tuple[int, list[GenerationPoint]]:
     """(tp, isl, osl) -> (tp, the generation sweep of an engine of tp GPUs): a picklable job."""
     tp, isl, osl = args
     return tp, generation_sweep(engine_config(tp, isl, max(LEVELS)), isl, osl, LEVELS)

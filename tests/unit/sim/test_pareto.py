@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint
 from orchestrator.bench.stats import RequestResult
 from orchestrator.ops.deployment import parse
 from orchestrator.sim.pareto import Point, at_user_speed, frontier, rate_matched, whole_engines
-from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel
 from orchestrator.sim.shapes import H100, Gpu, Shape, deployment_data
 from orchestrator.sim.steady import steady
 
@@ -26,8 +26,8 @@ def test_the_frontier_keeps_points_no_other_beats_on_both_axes() -> None:
 
 
 def test_rate_matching_takes_the_best_context_size_at_the_ideal_ratio() -> None:
-    context = {1: [ContextLevel(1, 2.0, 0.5), ContextLevel(4, 4.0, 3.0)], 2: [ContextLevel(1, 5.0, 0.2)]}
-    generation = {1: [GenerationLevel(8, 800.0, 100.0)]}
+    context = {1: [ContextPoint(1, 2.0, 0.5), ContextPoint(4, 4.0, 3.0)], 2: [ContextPoint(1, 5.0, 0.2)]}
+    generation = {1: [GenerationPoint(8, 800.0, 100.0)]}
     (p,) = rate_matched(1000, 100, context, generation, ttft_bound_s=1.0)
     # tp1 context: 2 req/s within the bound -> x = 800 / (100 * 2) = 4 engines -> 800 / (1 + 4) = 160 per GPU
     # tp2 context: 5 req/s -> x = 1.6 engines of 2 GPUs -> 800 / (1 + 3.2) = 190.5 per GPU: better

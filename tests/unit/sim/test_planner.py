@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.bench.goodput import Slo
+from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint
 from orchestrator.ops.deployment import load
-from orchestrator.sim.phase_sweeps import ContextLevel, GenerationLevel
 from orchestrator.sim.planner import _tpot_levels, disaggregated_candidates
 from orchestrator.tools import plan as plan_tool
 
-GEN = [GenerationLevel(k, 100.0 * k**0.5, 1000.0 / (10 + k)) for k in (1, 2, 4, 8, 16, 32)]  # TPOT 11..42 ms
+GEN = [GenerationPoint(k, 100.0 * k**0.5, 1000.0 / (10 + k)) for k in (1, 2, 4, 8, 16, 32)]  # TPOT 11..42 ms
 
 
 def test_levels_meeting_the_tpot_bound_and_the_next_one_up() -> None:
@@ -23,7 +23,7 @@ def test_levels_meeting_the_tpot_bound_and_the_next_one_up() -> None:
 
 
 def test_disaggregated_candidates_fit_the_budget_and_rank_by_rate_matched_goodput() -> None:
-    context = {1: [ContextLevel(1, 4.0, 0.3)], 2: [ContextLevel(1, 7.0, 0.2)], 4: [ContextLevel(1, 12.0, 3.0)]}
+    context = {1: [ContextPoint(1, 4.0, 0.3)], 2: [ContextPoint(1, 7.0, 0.2)], 4: [ContextPoint(1, 12.0, 3.0)]}
     generation = {1: GEN, 2: GEN}
     ranked = disaggregated_candidates(8, 100, Slo(ttft_ms=1000, tpot_ms=30), context, generation, keep=50)
     assert ranked and all(shape.gpus <= 8 for shape, _ in ranked)
