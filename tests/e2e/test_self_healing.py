@@ -50,8 +50,16 @@ class Launched:
         return children[0]
 
     def stub(self, model: str) -> int:
-        (pid,) = [s.pid for s in find_stubs(self.server_pid) if s.model == model]
-        return pid
+        pids = [s.pid for s in find_stubs(self.server_pid) if s.model == model]
+        assert len(pids) == 1, f"{model}: stubs {pids} under server {self.server_pid}\n{self.log_tail()}"
+        return pids[0]
+
+    def log_tail(self, lines: int = 80) -> str:
+        """The launcher's and tritonserver's last lines: what a failed recovery left as evidence."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no launch log: {exc})"
 
     def ready(self) -> bool:
         try:
@@ -236,7 +244,7 @@ def _engine_successes(server: Launched, model: str) -> int:
 def test_a_killed_engine_stub_heals_and_rejoins_its_pool(launched: Launched) -> None:
     with Load(launched) as load:
         killed_at, transitions = _kill_and_recover(launched, "generation_0", load)
-        assert [ok for _, ok in transitions[:3]] == [True, False, True], transitions
+        assert [ok for _, ok in transitions[:3]] == [True, False, True], f"{transitions}\n{launched.log_tail()}"
         assert load.succeeded_after(transitions[2][0])
     _report("generation_0", killed_at, transitions, load)
     after = [r for r in load.results if r.ended > killed_at]
@@ -265,7 +273,7 @@ def test_a_killed_orchestrator_stub_restarts_the_server_and_strands_nothing(laun
     first_server = launched.server_pid
     with Load(launched) as load:
         killed_at, transitions = _kill_and_recover(launched, "orchestrator", load)
-        assert [ok for _, ok in transitions[:3]] == [True, False, True], transitions
+        assert [ok for _, ok in transitions[:3]] == [True, False, True], f"{transitions}\n{launched.log_tail()}"
         back = transitions[2][0]
         assert back - killed_at < RECOVERY_S
         assert load.succeeded_after(back)
