@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tools import launch
-from orchestrator.tools.launch import ephemeral_range, free_port
+from orchestrator.tools import ports
+from orchestrator.tools.ports import ephemeral_range, free_port
 
 
 def test_ports_are_outside_the_ephemeral_range_bindable_and_never_handed_out_twice() -> None:
@@ -26,7 +26,7 @@ def test_ports_are_outside_the_ephemeral_range_bindable_and_never_handed_out_twi
 
 
 def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launch, "_handed_out", set())
+    monkeypatch.setattr(ports, "_handed_out", set())
     first = random.Random(7).randint(10000, ephemeral_range()[0] - 1)  # what a Random(7) tries first
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as busy:
         with contextlib.suppress(OSError):  # already taken by something else: in use all the same
