@@ -29,7 +29,7 @@ from orchestrator.sim.cluster import SIM_SECRET, LocalTransport
 from orchestrator.sim.steady import steady
 from orchestrator.sim.virtual_loop import run
 from orchestrator.stub_engine.clock import EngineClock
-from orchestrator.stub_engine.config import EngineConfig
+from orchestrator.stub_engine.config import PREFILL_COST_KNOBS, EngineConfig
 from orchestrator.stub_engine.core import EngineCore
 from orchestrator.wire.contract import EngineOutput, EngineRequest, RequestType, SamplingParams
 from orchestrator.wire.errors import RequestError
@@ -130,9 +130,8 @@ def generation_sweep(config: EngineConfig, isl: int, osl: int, levels: Sequence[
     """One generation engine of `config` (its prefill made free) at each closed-loop concurrency."""
     # A generation-only engine spends no token budget on prompts (its KV arrives pulled): the
     # probe's budget must not either, or long prompts would be admitted one at a time.
-    # Its prefill costs nothing, all-reduces included (with tp > 1 they are per prefilled token too).
-    free_prefill = replace(config, prefill_us_per_token=0.0, tp_comm_us_per_token=0.0, max_batch_size=max(levels),
-                           max_num_tokens=isl * max(levels) + max(levels))  # fmt: skip
+    free = dict.fromkeys(PREFILL_COST_KNOBS, 0.0)
+    free_prefill = replace(config, **free, max_batch_size=max(levels), max_num_tokens=isl * max(levels) + max(levels))  # type: ignore[arg-type]
 
     async def main() -> list[GenerationPoint]:
         out = []

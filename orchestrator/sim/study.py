@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence, TypeVar
 
 from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint
@@ -52,16 +52,12 @@ class Study:
         fronts = self.frontiers()
         return {
             "isl": self.isl, "osl": self.osl, "ttft_bound_s": self.ttft_bound_s,
-            "context": {tp: [vars_of(lv) for lv in lvs] for tp, lvs in self.context.items()},
-            "generation": {tp: [vars_of(lv) for lv in lvs] for tp, lvs in self.generation.items()},
+            "context": {tp: [asdict(lv) for lv in lvs] for tp, lvs in self.context.items()},
+            "generation": {tp: [asdict(lv) for lv in lvs] for tp, lvs in self.generation.items()},
             "points": [p.as_dict() for p in (*self.aggregated, *self.rate_matched, *self.end_to_end)],
             "frontiers": {kind: [p.as_dict() for p in pts] for kind, pts in fronts.items()},
             "speedups": speedups(self),
         }  # fmt: skip
-
-
-def vars_of(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__slots__}
 
 
 def engine_config(tp: int, isl: int, batch: int) -> EngineConfig:

@@ -98,6 +98,9 @@ from orchestrator.stub_engine.kv_layout import Geometry, Layout
 from orchestrator.wire.params import typed_values
 
 TRANSPORT_NAMES = ("auto", "tcp", "shm")
+# The cost knobs of prefilling, all of them: zeroed, an engine decodes as a generation-only
+# engine would (rate matching's generation probes; with tp > 1 the all-reduces count too).
+PREFILL_COST_KNOBS = ("prefill_us_per_token", "tp_comm_us_per_token")
 FAULTS = ("none", "fail", "hang", "stall", "slow", "crash", "drop_lease")
 FAULT_PHASES = ("any", "context", "generation")
 

@@ -46,6 +46,7 @@ from orchestrator.bench.rate_matching import ContextPoint, GenerationPoint, best
 from orchestrator.bench.stats import Summary, write_csv
 from orchestrator.bench.workload import LengthDist, Workload
 from orchestrator.ops.deployment import Deployment, Pool, load
+from orchestrator.stub_engine.config import PREFILL_COST_KNOBS
 from orchestrator.tools.deploy import on_free_ports, serve
 from orchestrator.tools.launch import TritonServer
 from orchestrator.tools.loadgen import add_goodput_flag, format_table, run_load, run_meta, sweep
@@ -86,7 +87,7 @@ def end_to_end(
 
 def _probe_repository(dest: Path, context: Pool, generation: Pool) -> Path:
     write_model(dest, "context_0", ModelSpec("context_0", context.stub))
-    free_prefill = {"prefill_us_per_token": "0", "tp_comm_us_per_token": "0"}  # all-reduces are per prefilled token too
+    free_prefill = dict.fromkeys(PREFILL_COST_KNOBS, "0")
     write_model(dest, "generation_probe", ModelSpec("generation_0", {**generation.stub, **free_prefill}))
     return dest
 
