@@ -45,9 +45,11 @@ class Launched:
 
     @property
     def server_pid(self) -> int:
-        children = _children(self.proc.pid)
-        assert children, "the launcher has no tritonserver child"
-        return children[0]
+        # The launcher has two children, tritonserver and the OpenAI frontend: tell them apart
+        # by what they run, not by pid order (pids wrap around on a busy machine).
+        servers = [pid for pid in _children(self.proc.pid) if _is_tritonserver(pid)]
+        assert len(servers) == 1, f"the launcher's tritonserver children: {servers}"
+        return servers[0]
 
     def stub(self, model: str) -> int:
         pids = [s.pid for s in find_stubs(self.server_pid) if s.model == model]
@@ -66,6 +68,13 @@ class Launched:
             return requests.get(f"http://{self.http}/v2/health/ready", timeout=5).status_code == 200
         except requests.RequestException:
             return False
+
+
+def _is_tritonserver(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:
